@@ -1,0 +1,87 @@
+"""The contract between the operator (which renders pods) and leap-train (which runs in them).
+
+This module is the single source of truth for environment variable names, metric names,
+label names and default ports. It imports nothing heavy: the operator imports it without
+torch or TensorFlow installed. Docs, dashboards and alert rules are tested against it.
+"""
+
+from __future__ import annotations
+
+# --- Leap's own environment -------------------------------------------------------------
+ENV_RUN = "LEAP_RUN"                      # TrainingRun name
+ENV_NAMESPACE = "LEAP_NAMESPACE"          # TrainingRun namespace
+ENV_ATTEMPT = "LEAP_ATTEMPT"              # 1-based attempt number (gang restarts increment it)
+ENV_FRAMEWORK = "LEAP_FRAMEWORK"          # pytorch | tensorflow
+ENV_ACCELERATOR = "LEAP_ACCELERATOR"      # cpu | nvidia-gpu | google-tpu
+ENV_METRICS_PORT = "LEAP_METRICS_PORT"    # port of rank 0 on this worker; local rank r uses port + r
+ENV_CHECKPOINT_DIR = "LEAP_CHECKPOINT_DIR"
+ENV_CHECKPOINT_EVERY = "LEAP_CHECKPOINT_EVERY_STEPS"
+ENV_WORKER_INDEX = "LEAP_WORKER_INDEX"    # the Job completion index of this pod (downward API)
+ENV_WORKER_HOSTS = "LEAP_WORKER_HOSTS"    # comma-separated host:port of every worker, index order
+ENV_SUMMARY = "LEAP_SUMMARY_PATH"         # where the final JSON summary goes
+
+# --- torchrun conventions (PyTorch) ---------------------------------------------------------
+ENV_MASTER_ADDR = "MASTER_ADDR"
+ENV_MASTER_PORT = "MASTER_PORT"
+ENV_WORLD_SIZE = "WORLD_SIZE"             # total processes = workers * procs per worker
+ENV_RANK = "RANK"                         # global rank of a process (per pod: its node rank until launched)
+ENV_LOCAL_RANK = "LOCAL_RANK"
+ENV_NODE_RANK = "NODE_RANK"
+ENV_NNODES = "NNODES"
+ENV_NPROC_PER_NODE = "NPROC_PER_NODE"
+# torchrun reads its arguments from PET_<ARG> variables.
+ENV_PET_MASTER_ADDR = "PET_MASTER_ADDR"
+ENV_PET_MASTER_PORT = "PET_MASTER_PORT"
+ENV_PET_NNODES = "PET_NNODES"
+ENV_PET_NODE_RANK = "PET_NODE_RANK"
+ENV_PET_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
+
+# --- TensorFlow / TPU -----------------------------------------------------------------------
+ENV_TF_CONFIG = "TF_CONFIG"
+ENV_TPU_WORKER_ID = "TPU_WORKER_ID"
+ENV_TPU_WORKER_HOSTNAMES = "TPU_WORKER_HOSTNAMES"
+
+# --- Kubernetes-provided --------------------------------------------------------------------
+ENV_JOB_COMPLETION_INDEX = "JOB_COMPLETION_INDEX"
+JOB_COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+# --- Ports ----------------------------------------------------------------------------------
+DEFAULT_METRICS_PORT = 9400
+DEFAULT_MASTER_PORT = 29500               # torch.distributed rendezvous
+DEFAULT_TF_PORT = 2222                    # TF gRPC server for MultiWorkerMirroredStrategy
+DEFAULT_CHECKPOINT_DIR = "/checkpoints"
+
+# --- Prometheus metrics exported by leap-train ----------------------------------------------
+# Every series carries these labels.
+METRIC_LABELS = ("run", "namespace", "rank", "framework", "accelerator")
+
+M_SAMPLES = "leap_train_samples_total"              # counter
+M_STEPS = "leap_train_steps_total"                  # counter
+M_STEP_SECONDS = "leap_train_step_seconds"          # histogram
+M_SAMPLES_PER_SECOND = "leap_train_samples_per_second"  # gauge
+M_FLOPS_PER_SECOND = "leap_train_flops_per_second"  # gauge: achieved training FLOP/s
+M_MFU = "leap_train_mfu"                            # gauge 0..1; absent on unknown devices
+M_LOSS = "leap_train_loss"                          # gauge
+M_ACCURACY = "leap_train_accuracy"                  # gauge: last evaluation accuracy
+M_PROGRESS = "leap_train_progress_ratio"            # gauge 0..1
+M_ETA = "leap_train_eta_seconds"                    # gauge
+M_EPOCH = "leap_train_epoch"                        # gauge
+M_TOTAL_STEPS = "leap_train_total_steps"            # gauge: steps planned for the whole run
+M_ACCEL_MEMORY = "leap_accelerator_memory_bytes"    # gauge
+
+# Description of each metric: used for HELP text and the metrics reference in the docs.
+TRAIN_METRICS: dict[str, tuple[str, str]] = {
+    M_SAMPLES: ("counter", "Training samples processed by this rank."),
+    M_STEPS: ("counter", "Optimizer steps taken by this rank."),
+    M_STEP_SECONDS: ("histogram", "Wall time of one optimizer step, averaged over each reporting window."),
+    M_SAMPLES_PER_SECOND: ("gauge", "Training throughput of this rank over the last reporting window."),
+    M_FLOPS_PER_SECOND: ("gauge", "Achieved model FLOP/s of this rank (forward + backward, 6 x params x samples for dense layers)."),
+    M_MFU: ("gauge", "Model FLOPs utilisation: achieved FLOP/s over the device's peak; absent on devices without a known peak."),
+    M_LOSS: ("gauge", "Training loss over the last reporting window."),
+    M_ACCURACY: ("gauge", "Accuracy of the last evaluation on held-out data."),
+    M_PROGRESS: ("gauge", "Fraction of planned steps done, 0 to 1."),
+    M_ETA: ("gauge", "Estimated seconds until the run's planned steps are done."),
+    M_EPOCH: ("gauge", "Current epoch, 1-based."),
+    M_TOTAL_STEPS: ("gauge", "Optimizer steps planned for the whole run."),
+    M_ACCEL_MEMORY: ("gauge", "Accelerator memory in use by this rank, in bytes."),
+}

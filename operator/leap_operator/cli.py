@@ -1,0 +1,35 @@
+"""`leap`: the command-line entry point. Each subcommand lives in its own module and is
+imported only when used, so `leap validate` does not pay for kopf or torch."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "crd": ("leap_operator.cmd_crd", "print the TrainingRun CustomResourceDefinition as YAML"),
+    "validate": ("leap_operator.cmd_validate", "check TrainingRun files: schema, CEL rules and semantics"),
+    "render": ("leap_operator.cmd_render", "print the objects the operator would create for a TrainingRun"),
+    "operator": ("leap_operator.cmd_operator", "run the operator (kopf)"),
+    "run": ("leap_operator.local.cmd_run", "run a TrainingRun on this machine, no cluster needed"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="leap", description="Leap: accelerated training on Kubernetes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((arg for arg in argv if arg in SUBCOMMANDS), None)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module_name).add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

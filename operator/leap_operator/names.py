@@ -1,0 +1,31 @@
+"""Names the operator owns: API group, labels, annotations, operator metric names.
+
+Environment variable and training metric names live in leap_trainer.contract, the one
+source shared with the training runtime.
+"""
+
+GROUP = "leap.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "TrainingRun"
+PLURAL = "trainingruns"
+SINGULAR = "trainingrun"
+SHORT_NAMES = ["tr"]
+
+# Labels on every child object.
+LABEL_RUN = "leap.dev/run"
+LABEL_ATTEMPT = "leap.dev/attempt"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+MANAGER = "leap-operator"
+
+# Operator metrics (prometheus_client appends _total/_bucket where it should).
+OM_RECONCILES = "leap_operator_reconciles_total"          # counter {result}
+OM_RECONCILE_SECONDS = "leap_operator_reconcile_seconds"  # histogram
+OM_RUNS = "leap_operator_runs"                            # gauge {phase}
+OM_RESTARTS = "leap_operator_restarts_total"              # counter
+OM_API_ERRORS = "leap_operator_api_errors_total"          # counter {verb, resource}
