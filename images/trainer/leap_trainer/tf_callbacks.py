@@ -1,0 +1,141 @@
+"""Keras callbacks that connect `model.fit` to Leap's metrics and checkpoints.
+
+With steps_per_execution = k, Keras calls on_train_batch_end once per k steps, so these
+callbacks cost nothing per step. Step counts come from the optimizer's iteration counter
+(the steps actually applied), read once per batch group.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+
+from leap_trainer.tf_checkpoint import PhaseCheckpoints
+
+
+class PhaseClock:
+    """Steps and timing of one training phase, shared by the callbacks and the summary.
+
+    Throughput is measured from the end of the first batch group (tf.function tracing
+    excluded) to the end of fit, in global samples (all workers). Metrics count this worker's
+    own samples (`worker_batch` per step), so summing the ranks in Prometheus gives the job's.
+    """
+
+    def __init__(self, *, global_batch: int, worker_batch: int):
+        self.global_batch = global_batch
+        self.worker_batch = worker_batch
+        self.steps = 0               # optimizer iterations at the last read
+        self.warm_step: int | None = None
+        self.warm_time = 0.0
+        self.end_time = 0.0
+
+    def steady_samples_per_second(self) -> float:
+        if self.warm_step is None or self.steps <= self.warm_step or self.end_time <= self.warm_time:
+            return 0.0
+        return (self.steps - self.warm_step) * self.global_batch / (self.end_time - self.warm_time)
+
+
+def optimizer_steps(model: keras.Model) -> int:
+    return int(model.optimizer.iterations.numpy())
+
+
+class MetricsReporter(keras.callbacks.Callback):
+    """Feeds leap_trainer.metrics.TrainingMetrics from fit(): at most every `interval` seconds
+    (and at each epoch end), with the steps, samples and time accumulated since the last report.
+    Between reports a batch end costs one clock read; the step counter is read only to report."""
+
+    def __init__(self, metrics, clock: PhaseClock, *, interval: float = 1.0, memory_device: str | None = None):
+        super().__init__()
+        self.metrics = metrics
+        self.clock = clock
+        self.interval = interval
+        self.memory_device = memory_device  # "GPU:0" / "TPU:0": report its memory in use; None on CPU
+        self._last_time = 0.0
+        self._last_steps = 0
+
+    def on_train_begin(self, logs=None):
+        self.clock.steps = optimizer_steps(self.model)
+        self._last_steps = self.clock.steps
+        self._last_time = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.metrics is not None:
+            self.metrics.set_epoch(epoch + 1)
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        if self.clock.warm_step is None:
+            # The first batch group includes tracing and compilation: start the throughput clock after it.
+            self.clock.steps = optimizer_steps(self.model)
+            self.clock.warm_step, self.clock.warm_time = self.clock.steps, now
+            self._last_steps, self._last_time = self.clock.steps, now
+        elif now - self._last_time >= self.interval:
+            self.clock.steps = optimizer_steps(self.model)
+            self._report(now, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.clock.steps = optimizer_steps(self.model)
+        self._report(time.perf_counter(), logs)
+
+    def on_train_end(self, logs=None):
+        self.clock.steps = optimizer_steps(self.model)
+        self.clock.end_time = time.perf_counter()
+        self._report(self.clock.end_time, logs)
+
+    def _report(self, now: float, logs) -> None:
+        steps = self.clock.steps - self._last_steps
+        if self.metrics is None or steps <= 0:
+            return
+        loss = float(logs["loss"]) if logs and "loss" in logs else None
+        self.metrics.report(
+            steps=steps, samples=steps * self.clock.worker_batch, seconds=now - self._last_time, loss=loss,
+        )
+        self._last_steps, self._last_time = self.clock.steps, now
+        if self.memory_device:
+            self._report_memory()
+
+    def _report_memory(self) -> None:
+        import tensorflow as tf
+
+        try:
+            self.metrics.set_memory(tf.config.experimental.get_memory_info(self.memory_device)["current"])
+        except (ValueError, KeyError, tf.errors.OpError):
+            self.memory_device = None  # this device does not report memory: stop asking
+
+
+class CheckpointSaver(keras.callbacks.Callback):
+    """Saves the phase about every `every_steps` optimizer steps and at every epoch end.
+
+    Keras' batch index (the last step of each batch group, within the epoch) tells when a save
+    is due, so the step counter is read only when saving. Only the chief worker writes.
+    """
+
+    def __init__(self, checkpoints: PhaseCheckpoints, *, every_steps: int, steps_per_epoch: int, is_chief: bool):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.every_steps = max(0, int(every_steps or 0))
+        self.steps_per_epoch = steps_per_epoch
+        self.is_chief = is_chief
+        self._epoch_start = 0
+        self._last_saved = 0
+
+    def on_train_begin(self, logs=None):
+        self._last_saved = optimizer_steps(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = optimizer_steps(self.model)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_steps and self._epoch_start + batch + 1 - self._last_saved >= self.every_steps:
+            self._save(optimizer_steps(self.model))
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = optimizer_steps(self.model)
+        if steps != self._last_saved:
+            self._save(steps)
+
+    def _save(self, steps: int) -> None:
+        if self.is_chief:
+            self.checkpoints.save(self.model, step=steps, epoch=steps // self.steps_per_epoch)
+        self._last_saved = steps

@@ -1,0 +1,459 @@
+"""The `leap.dev/v1alpha1` TrainingRun API as pydantic models: the single source of truth.
+
+crd.py turns these models into the CustomResourceDefinition (structural schema with defaults,
+enums, bounds, patterns and CEL rules); validation.py checks objects against that CRD; render.py
+reads the defaulted dicts. Nothing here imports kopf, torch or TensorFlow.
+
+CEL rules live next to the fields they constrain (`x-kubernetes-validations` in
+json_schema_extra) so a reader sees the shape and its rules together.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+from leap_trainer import contract
+
+# --- Small shared vocabularies --------------------------------------------------------------
+
+FRAMEWORKS = ("pytorch", "tensorflow")
+ACCELERATORS = ("cpu", "nvidia-gpu", "google-tpu")
+WORKLOAD_KINDS = ("classifier", "distillation")
+# leap_trainer.specs.MODEL_LAYERS is the source of these names; the literal below is checked
+# against it by tests/test_api.py (importing it here would make the CRD depend on the trainer).
+MODELS = ("mlp", "mlp-large")
+DATASETS = ("digits", "synthetic")
+PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
+# Phases in which the run's shape may still change: nothing runs yet, or the run is suspended.
+EDITABLE_PHASES = ("Suspended",)
+
+# Kubernetes name and label grammars (apimachinery's validation package).
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+TOPOLOGY = r"^\d+x\d+(x\d+)?$"
+IMAGE = r"^[^\s]+$"
+DATASET = rf"^({'|'.join(DATASETS)}|/.+\.npz)$"
+
+# Run names become Service names (DNS-1035 labels) and prefixes of Job names and pod
+# hostnames `<run>-a<attempt>-<index>` (63 characters at most), hence the bound.
+MAX_RUN_NAME = 40
+
+# Env var names Leap sets on every pod; a user value would silently break the rendezvous.
+RESERVED_ENV = (
+    contract.ENV_RUN, contract.ENV_NAMESPACE, contract.ENV_ATTEMPT, contract.ENV_FRAMEWORK,
+    contract.ENV_ACCELERATOR, contract.ENV_METRICS_PORT, contract.ENV_CHECKPOINT_DIR,
+    contract.ENV_CHECKPOINT_EVERY, contract.ENV_WORKER_INDEX, contract.ENV_WORKER_HOSTS,
+    contract.ENV_MASTER_ADDR, contract.ENV_MASTER_PORT, contract.ENV_WORLD_SIZE, contract.ENV_RANK,
+    contract.ENV_LOCAL_RANK, contract.ENV_NODE_RANK, contract.ENV_NNODES, contract.ENV_NPROC_PER_NODE,
+    contract.ENV_PET_MASTER_ADDR, contract.ENV_PET_MASTER_PORT, contract.ENV_PET_NNODES,
+    contract.ENV_PET_NODE_RANK, contract.ENV_PET_NPROC_PER_NODE, contract.ENV_TF_CONFIG,
+    contract.ENV_TPU_WORKER_ID, contract.ENV_TPU_WORKER_HOSTNAMES, contract.ENV_JOB_COMPLETION_INDEX,
+)
+
+
+def _cel_list(values) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+def rule(expr: str, message: str, *, field_path: str | None = None, reason: str | None = None,
+         message_expression: str | None = None) -> dict:
+    """One `x-kubernetes-validations` entry. fieldPath points the error at the offending field."""
+    out: dict[str, Any] = {"rule": expr, "message": message}
+    if message_expression:
+        out["messageExpression"] = message_expression
+    if field_path:
+        out["fieldPath"] = field_path
+    if reason:
+        out["reason"] = reason
+    return out
+
+
+def rules(*items: dict) -> dict:
+    return {"x-kubernetes-validations": list(items)}
+
+
+class _Model(BaseModel):
+    # Unknown fields are errors (like `kubectl apply`'s strict field validation).
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --- TPU facts --------------------------------------------------------------------------------
+# GKE's TPU node pools: `cloud.google.com/gke-tpu-accelerator` names the TPU type and
+# `cloud.google.com/gke-tpu-topology` the slice shape. Multi-host slices put 4 chips on each host
+# (VM); a slice of at most `single_host_max` chips fits on one host with all chips (v5e/v6e 2x4 is
+# the 8-chip ct5lp-hightpu-8t / ct6e-standard-8t machine; v4/v5p 2x2x1 is one 4-chip host).
+# The CEL rule on spec and tpu_slice() below derive from this one table.
+TPU_TYPES: dict[str, dict] = {
+    "tpu-v5-lite-podslice": {"single_host_max": 8, "chips_per_host": 4,
+                             "topologies": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")},
+    "tpu-v6e-slice": {"single_host_max": 8, "chips_per_host": 4,
+                      "topologies": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")},
+    "tpu-v4-podslice": {"single_host_max": 4, "chips_per_host": 4,
+                        "topologies": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8",
+                                       "8x8x8", "8x8x12", "8x8x16", "8x16x16", "12x16x16", "16x16x16")},
+    "tpu-v5p-slice": {"single_host_max": 4, "chips_per_host": 4,
+                      "topologies": ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8",
+                                     "8x8x8", "8x8x16", "8x16x16", "16x16x16", "16x16x24")},
+}
+
+
+def tpu_slice(tpu_type: str, topology: str) -> dict:
+    """{'chips', 'hosts', 'chipsPerHost'} of a GKE TPU slice."""
+    chips = 1
+    for part in topology.split("x"):
+        chips *= int(part)
+    facts = TPU_TYPES[tpu_type]
+    if chips <= facts["single_host_max"]:
+        return {"chips": chips, "hosts": 1, "chipsPerHost": chips}
+    return {"chips": chips, "hosts": chips // facts["chips_per_host"], "chipsPerHost": facts["chips_per_host"]}
+
+
+def _cel_topologies_map() -> str:
+    """CEL map literal {type: [topologies]} (ordered, for messages)."""
+    return "{" + ", ".join(f"'{name}': {_cel_list(facts['topologies'])}" for name, facts in TPU_TYPES.items()) + "}"
+
+
+def _cel_tpu_hosts_map() -> str:
+    """CEL map literal {type: {topology: hosts}} generated from TPU_TYPES (so CEL and tpu_slice() agree)."""
+    per_type = []
+    for name, facts in TPU_TYPES.items():
+        entries = ", ".join(f"'{topo}': {tpu_slice(name, topo)['hosts']}" for topo in facts["topologies"])
+        per_type.append(f"'{name}': {{{entries}}}")
+    return "{" + ", ".join(per_type) + "}"
+
+
+# --- spec --------------------------------------------------------------------------------------
+
+class Distillation(_Model):
+    """Knowledge distillation: a teacher model is trained first, then the student learns from its softened outputs."""
+    teacher: Literal[MODELS] = Field("mlp-large", description="Teacher model; should be larger than the student (workload.model).")
+    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature applied to teacher and student logits.")
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation loss; 1 - alpha weighs the hard-label loss.")
+
+
+class Workload(_Model):
+    """A built-in workload run by the image's `leap-train` entrypoint."""
+    model_config = ConfigDict(json_schema_extra=rules(
+        rule("self.kind == 'distillation' || !has(self.distillation)",
+             "workload.distillation only applies to kind: distillation; remove it or set kind: distillation",
+             field_path=".distillation"),
+        rule("!has(self.distillation) || self.distillation.teacher != self.model",
+             "workload.distillation.teacher must differ from workload.model (the student); use mlp-large as teacher for mlp",
+             field_path=".distillation.teacher"),
+    ))
+    kind: Literal[WORKLOAD_KINDS] = Field("classifier", description="classifier trains one model; distillation trains a teacher, then distils it into the model.")
+    model: Literal[MODELS] = Field("mlp", description="mlp (784-128-10) or mlp-large (784-512-256-10).")
+    dataset: str = Field("digits", max_length=512, pattern=DATASET,
+                         description="digits (shipped with the image), synthetic, or an absolute path to a .npz file in the pod.")
+    samples: int | None = Field(None, ge=1, le=100_000_000, description="Limit the training set to this many samples (synthetic: generate this many).")
+    epochs: int = Field(5, ge=1, le=100_000, description="Passes over the training set.")
+    batchSize: int = Field(64, ge=1, le=1_048_576, description="Batch size per process (per replica); the global batch is batchSize x world size.")
+    learningRate: float = Field(0.001, gt=0, le=10, description="Optimizer learning rate.")
+    distillation: Distillation | None = Field(None, description="Distillation settings (kind: distillation only); defaults apply when omitted.")
+
+
+class TPU(_Model):
+    """A GKE TPU slice: the type and topology select the node pool; hosts and chips per host follow."""
+    model_config = ConfigDict(json_schema_extra=rules(
+        rule(f"self.topology in {_cel_tpu_hosts_map()}[self.type]",
+             "accelerator.tpu.topology is not a slice GKE offers for this TPU type; pick one of its topologies (see docs/api.md)",
+             message_expression=f"'accelerator.tpu.topology ' + self.topology + ' is not a ' + self.type + "
+                                f"' slice; use one of ' + {_cel_topologies_map()}[self.type].join(', ')",
+             field_path=".topology"),
+    ))
+    type: Literal[tuple(TPU_TYPES)] = Field(
+        ..., description="GKE TPU accelerator (node label cloud.google.com/gke-tpu-accelerator).")
+    topology: str = Field(..., max_length=16, pattern=TOPOLOGY,
+                          description="Slice topology, e.g. 2x4 or 4x4 (v5e/v6e) or 2x2x2 (v4/v5p) (node label cloud.google.com/gke-tpu-topology).")
+
+
+class Accelerator(_Model):
+    """What each worker computes on."""
+    model_config = ConfigDict(json_schema_extra=rules(
+        rule("self.type != 'google-tpu' || has(self.tpu)",
+             "accelerator.tpu {type, topology} is required when accelerator.type is google-tpu",
+             field_path=".tpu"),
+        rule("self.type == 'google-tpu' || !has(self.tpu)",
+             "accelerator.tpu is only allowed with accelerator.type google-tpu; remove it or set type: google-tpu",
+             field_path=".tpu"),
+        rule("self.type == 'nvidia-gpu' || !has(self.count)",
+             "accelerator.count (GPUs per worker) only applies to nvidia-gpu; remove it (TPU chips per host come from tpu.topology)",
+             field_path=".count"),
+        rule("self.type == 'nvidia-gpu' || !has(self.product)",
+             "accelerator.product only applies to nvidia-gpu; remove it",
+             field_path=".product"),
+    ))
+    type: Literal[ACCELERATORS] = Field("cpu", description="cpu, nvidia-gpu or google-tpu.")
+    count: int | None = Field(None, ge=1, le=16, description="GPUs per worker (nvidia-gpu only; default 1).")
+    product: str | None = Field(None, max_length=63, pattern=LABEL_VALUE,
+                                description="GPU product, e.g. NVIDIA-H100-80GB-HBM3: selects nodes labelled nvidia.com/gpu.product.")
+    tpu: TPU | None = Field(None, description="The TPU slice (google-tpu only, required with it).")
+
+
+def _int_or_string(description: str, **extra) -> Any:
+    return WithJsonSchema({"x-kubernetes-int-or-string": True, "description": description, **extra})
+
+
+Quantity = Annotated[Union[int, str], _int_or_string(
+    "A Kubernetes quantity such as 500m, 2, 4Gi.",
+    anyOf=[{"type": "integer"}, {"type": "string"}], pattern=QUANTITY, maxLength=64)]
+
+class ResourceList(_Model):
+    """Named resources (a typed core/v1 ResourceList: no free-form keys, so GPUs cannot sneak in here)."""
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+    ephemeral_storage: Quantity | None = Field(None, alias="ephemeral-storage")
+
+
+class Resources(_Model):
+    """Extra compute resources per worker (on top of the operator's defaults); GPUs and TPUs come from spec.accelerator."""
+    requests: ResourceList | None = Field(None, description="e.g. {cpu: '4', memory: 16Gi}; replaces the operator's default request.")
+    limits: ResourceList | None = Field(None, description="e.g. {memory: 32Gi}.")
+
+
+class KeySelector(_Model):
+    name: str = Field(..., max_length=253, pattern=DNS1123_SUBDOMAIN, description="Name of the Secret or ConfigMap.")
+    key: str = Field(..., max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in it.")
+    optional: bool | None = None
+
+
+class FieldSelector(_Model):
+    fieldPath: str = Field(..., max_length=256, description="e.g. metadata.name, status.podIP, spec.nodeName.")
+    apiVersion: str | None = Field(None, max_length=64)
+
+
+class ResourceFieldSelector(_Model):
+    resource: str = Field(..., max_length=64, description="e.g. limits.memory.")
+    containerName: str | None = Field(None, max_length=63)
+    divisor: Annotated[Union[int, str], _int_or_string("Quantity divisor.", anyOf=[{"type": "integer"}, {"type": "string"}], pattern=QUANTITY, maxLength=64)] | None = None
+
+
+class EnvVarSource(_Model):
+    model_config = ConfigDict(json_schema_extra=rules(rule(
+        "[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef), has(self.resourceFieldRef)].filter(x, x).size() == 1",
+        "env[].valueFrom needs exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef")))
+    secretKeyRef: KeySelector | None = None
+    configMapKeyRef: KeySelector | None = None
+    fieldRef: FieldSelector | None = None
+    resourceFieldRef: ResourceFieldSelector | None = None
+
+
+class EnvVar(_Model):
+    """An environment variable for the trainer container (like a core/v1 EnvVar)."""
+    model_config = ConfigDict(json_schema_extra=rules(rule(
+        "!(has(self.value) && has(self.valueFrom))",
+        "env[] sets value or valueFrom, not both")))
+    name: str = Field(..., min_length=1, max_length=256, pattern=ENV_NAME)
+    value: str | None = Field(None, max_length=32768)
+    valueFrom: EnvVarSource | None = None
+
+
+class Toleration(_Model):
+    """A core/v1 Toleration."""
+    model_config = ConfigDict(json_schema_extra=rules(rule(
+        "!has(self.operator) || self.operator != 'Exists' || !has(self.value)",
+        "a toleration with operator Exists must not set value; remove value or use operator Equal")))
+    key: str | None = Field(None, max_length=316, pattern=LABEL_KEY)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    tolerationSeconds: int | None = None
+
+
+class Checkpoint(_Model):
+    """Where built-in workloads save checkpoints, so a restarted attempt resumes instead of starting over."""
+    claimName: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN,
+                                  description="PersistentVolumeClaim mounted at the checkpoint directory (ReadWriteMany for several workers); without it an emptyDir is used and restarts start over.")
+    everySteps: int = Field(500, ge=1, le=100_000_000, description="Save a checkpoint every this many optimizer steps.")
+
+
+class RunPolicy(_Model):
+    """Restarts, deadlines, cleanup and suspension (may change while running)."""
+    backoffLimit: int = Field(3, ge=0, le=100, description="Gang restarts (new attempts) after a failed attempt before the run is Failed.")
+    activeDeadlineSeconds: int | None = Field(None, ge=1, description="Fail the run (reason DeadlineExceeded) after this many seconds since it started.")
+    ttlSecondsAfterFinished: int | None = Field(None, ge=0, description="Delete the run this many seconds after it Succeeded or Failed.")
+    suspend: bool = Field(False, description="true removes the pods (the run is Suspended); false resumes it.")
+
+
+class Scheduling(_Model):
+    """Where and how the pods are scheduled."""
+    queueName: str | None = Field(None, max_length=63, pattern=LABEL_VALUE,
+                                  description="Kueue LocalQueue: the Job gets label kueue.x-k8s.io/queue-name and starts suspended until Kueue admits it.")
+    schedulerName: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN, description="e.g. volcano for gang scheduling.")
+    priorityClassName: str | None = Field(None, max_length=253, pattern=DNS1123_SUBDOMAIN, description="PriorityClass of the pods.")
+    nodeSelector: Annotated[dict[str, str], WithJsonSchema({
+        "type": "object", "maxProperties": 32,
+        "additionalProperties": {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE},
+        "description": "Extra node labels the pods require."})] | None = None
+    tolerations: list[Toleration] | None = Field(None, max_length=32, description="Extra tolerations (core/v1 Toleration); Leap adds the GPU and TPU ones itself.")
+
+
+class Metrics(_Model):
+    """The trainer's Prometheus endpoint (scraped by Prometheus and by the operator for status.progress)."""
+    port: int = Field(contract.DEFAULT_METRICS_PORT, ge=1024, le=65000,
+                      description="Port of local rank 0; local rank r serves port + r.")
+
+
+ProcsPerWorker = Annotated[Union[int, Literal["auto"]], _int_or_string(
+    "Processes per worker: auto (one per GPU, else 1) or a number.", maxLength=8,
+    **rules(rule("type(self) == string ? self == 'auto' : self >= 1",
+                 "procsPerWorker must be auto or an integer >= 1")))]
+
+
+_HOSTS = _cel_tpu_hosts_map()
+
+
+def _spec_rules() -> dict:
+    return rules(
+        rule("has(self.workload) != has(self.command)",
+             "set exactly one of spec.workload (a built-in workload) or spec.command (your own program)",
+             field_path=".workload"),
+        rule("!has(self.args) || has(self.command)",
+             "spec.args needs spec.command (built-in workloads are configured with spec.workload)",
+             field_path=".args"),
+        rule("!has(self.workers) || self.accelerator.type != 'google-tpu' || !has(self.accelerator.tpu) || "
+             f"!(self.accelerator.tpu.topology in {_HOSTS}[self.accelerator.tpu.type]) || "
+             f"self.workers == {_HOSTS}[self.accelerator.tpu.type][self.accelerator.tpu.topology]",
+             "spec.workers must equal the TPU slice's host count (one pod per TPU VM); omit workers to derive it from accelerator.tpu.topology",
+             message_expression=f"'spec.workers must be ' + string({_HOSTS}[self.accelerator.tpu.type][self.accelerator.tpu.topology]) + "
+                                "', the number of hosts in a ' + self.accelerator.tpu.topology + ' ' + self.accelerator.tpu.type + "
+                                "' slice; omit workers to derive it'",
+             field_path=".workers"),
+        rule("self.framework != 'tensorflow' || !has(self.procsPerWorker) || type(self.procsPerWorker) == string || self.procsPerWorker == 1",
+             "TensorFlow runs one process per worker (it drives all local devices); set procsPerWorker to auto or 1",
+             field_path=".procsPerWorker"),
+        rule(f"!has(self.env) || self.env.all(e, !(e.name in {_cel_list(RESERVED_ENV)}))",
+             "spec.env must not set variables Leap sets itself: " + ", ".join(RESERVED_ENV),
+             message_expression=f"'spec.env sets ' + self.env.filter(e, e.name in {_cel_list(RESERVED_ENV)}).map(e, e.name).join(', ') + "
+                                "', which Leap sets itself for the distributed rendezvous; remove it'",
+             field_path=".env"),
+    )
+
+
+class TrainingRunSpec(_Model):
+    """What to train, on what, and how."""
+    model_config = ConfigDict(json_schema_extra=_spec_rules())
+    framework: Literal[FRAMEWORKS] = Field(..., description="pytorch or tensorflow.")
+    image: str | None = Field(None, max_length=512, pattern=IMAGE,
+                              description="Container image; default per framework and accelerator from the operator's configuration.")
+    workload: Workload | None = Field(None, description="A built-in workload (mutually exclusive with command).")
+    command: list[Annotated[str, Field(max_length=4096)]] | None = Field(None, min_length=1, max_length=64, description="Your own program (custom images).")
+    args: list[Annotated[str, Field(max_length=4096)]] | None = Field(None, max_length=256, description="Arguments to command.")
+    accelerator: Accelerator = Field(default_factory=Accelerator, json_schema_extra={"default": {}})
+    workers: int | None = Field(None, ge=1, le=4096, description="Pods (one per node). Default 1, or the host count of the TPU slice.")
+    procsPerWorker: ProcsPerWorker = Field("auto")
+    resources: Resources | None = None
+    env: list[EnvVar] | None = Field(None, max_length=64, description=(
+        "Extra environment variables for the trainer container (core/v1 EnvVar: value or valueFrom); "
+        "names Leap sets itself are rejected."), json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+    checkpoint: Checkpoint = Field(default_factory=Checkpoint, json_schema_extra={"default": {}})
+    runPolicy: RunPolicy = Field(default_factory=RunPolicy, json_schema_extra={"default": {}})
+    scheduling: Scheduling | None = None
+    metrics: Metrics = Field(default_factory=Metrics, json_schema_extra={"default": {}})
+
+
+# --- status ------------------------------------------------------------------------------------
+
+class Condition(_Model):
+    """A metav1.Condition."""
+    type: str = Field(..., max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = Field(None, max_length=1024)
+    message: str | None = Field(None, max_length=32768)
+    lastTransitionTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    observedGeneration: int | None = Field(None, ge=0)
+
+
+class WorkerCounts(_Model):
+    desired: int | None = Field(None, ge=0, description="Workers this run asks for (spec.workers, or derived from the TPU slice).")
+    active: int = Field(0, ge=0)
+    ready: int | None = Field(None, ge=0)
+    succeeded: int = Field(0, ge=0)
+    failed: int = Field(0, ge=0)
+
+
+class Progress(_Model):
+    """Scraped from rank 0's metrics endpoint while Running."""
+    step: int = Field(0, ge=0)
+    totalSteps: int = Field(0, ge=0)
+    percent: float = Field(0, ge=0, le=100)
+    samplesPerSecond: float = Field(0, ge=0)
+    etaSeconds: float = Field(0, ge=0)
+    eta: str | None = Field(None, max_length=32, description="etaSeconds for humans, e.g. 3m20s.")
+    loss: float | None = None
+    accuracy: float | None = None
+    epoch: int | None = None
+    flopsPerSecond: float = Field(0, ge=0)
+    updateTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
+
+
+class TrainingRunStatus(_Model):
+    """Observed state, written by the operator."""
+    phase: Literal[PHASES] | None = None
+    reason: str | None = Field(None, max_length=1024, description="Machine-readable reason of the phase, e.g. BackoffLimitExceeded.")
+    message: str | None = Field(None, max_length=32768)
+    conditions: list[Condition] | None = Field(None, json_schema_extra={
+        "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    attempt: int | None = Field(None, ge=0)
+    restarts: int | None = Field(None, ge=0)
+    jobName: str | None = None
+    workers: WorkerCounts | None = None
+    progress: Progress | None = None
+    startTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    completionTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    observedGeneration: int | None = Field(None, ge=0)
+
+
+class TrainingRun(_Model):
+    """A TrainingRun: one training job on Kubernetes, from pods to progress."""
+    apiVersion: str | None = None
+    kind: str | None = None
+    metadata: dict[str, Any] | None = None
+    spec: TrainingRunSpec
+    status: TrainingRunStatus | None = None
+
+
+# --- derived facts shared by validation, render and the operator ------------------------------
+
+def resolved_workers(spec: dict) -> int:
+    """Pods of the run: spec.workers, else the TPU slice's host count, else 1."""
+    if spec.get("workers"):
+        return int(spec["workers"])
+    tpu = (spec.get("accelerator") or {}).get("tpu")
+    if tpu and tpu.get("type") in TPU_TYPES:
+        return tpu_slice(tpu["type"], tpu["topology"])["hosts"]
+    return 1
+
+
+def resolved_procs_per_worker(spec: dict) -> int:
+    """Processes per pod: auto = one per GPU (NCCL wants one process per device), else 1.
+
+    TensorFlow and TPUs use one process per host that drives all local devices."""
+    procs = spec.get("procsPerWorker", "auto")
+    if procs != "auto":
+        return int(procs)
+    acc = spec.get("accelerator") or {}
+    if spec.get("framework") == "pytorch" and acc.get("type") == "nvidia-gpu":
+        return int(acc.get("count") or 1)
+    return 1
+
+
+def format_duration(seconds: float | None) -> str:
+    """3727 -> '1h2m7s': the ETA printer column (status.progress.eta)."""
+    if seconds is None:
+        return ""
+    s = int(round(max(0.0, float(seconds))))
+    hours, rest = divmod(s, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"

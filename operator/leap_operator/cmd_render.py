@@ -1,0 +1,51 @@
+"""`leap render FILE`: print, as YAML, exactly the objects the operator would create for a run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_documents
+from leap_operator.config import OperatorConfig
+from leap_operator.render import render_children
+from leap_operator.validation import validate_run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", metavar="FILE", help="TrainingRun YAML files (multi-document ok; - for stdin)")
+    parser.add_argument("--attempt", type=int, default=1, help="attempt number to render (default 1)")
+    parser.add_argument("-n", "--namespace", help="namespace for runs that do not set metadata.namespace")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.attempt < 1:
+        print("error: --attempt must be >= 1", file=sys.stderr)
+        return 1
+    try:
+        documents = list(load_documents(args.files))
+    except LoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    config = OperatorConfig.from_env()
+    objects, failed = [], False
+    documents = [(where, doc) for where, doc in documents if is_leap_document(doc)]
+    if not documents:
+        print(f"error: no TrainingRun found in {', '.join(args.files)}", file=sys.stderr)
+        return 1
+    for where, doc in documents:
+        problems = validate_run(doc, config=config)
+        if problems:
+            failed = True
+            print(f"{where} {describe(doc)}: INVALID ({len(problems)} problem{'s' if len(problems) > 1 else ''})", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem.field}: {problem.message}", file=sys.stderr)
+            continue
+        if args.namespace and not doc["metadata"].get("namespace"):
+            doc = {**doc, "metadata": {**doc["metadata"], "namespace": args.namespace}}
+        objects += render_children(doc, attempt=args.attempt, config=config)
+    if failed:
+        return 1
+    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=120))
+    return 0

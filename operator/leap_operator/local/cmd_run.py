@@ -1,0 +1,201 @@
+"""`leap run FILE.yaml`: run a TrainingRun on this machine, through the operator's validation and
+rendering, with live progress, the cluster's restart policy and a final summary.
+
+Exit status: 0 succeeded, 1 invalid or failed (as `leap validate` for invalid files), 128+N when
+stopped by signal N (130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from leap_operator import api, names
+from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_documents
+from leap_operator.local import devices
+from leap_operator.local.display import RunInfo, make_display, percent, summary_table
+from leap_operator.local.overrides import OverrideError, apply_overrides, origin_of
+from leap_operator.local.plan import WorkerPlan, build_plans
+from leap_operator.local.podenv import EnvError
+from leap_operator.local.ports import PortPicker
+from leap_operator.local.rundir import RunDir, RunDirError, has_checkpoint, prepare
+from leap_operator.local.scrape import ProgressMonitor
+from leap_operator.local.supervisor import Outcome, StopFlag, supervise
+from leap_operator.render import render_children
+from leap_operator.validation import defaulted, validate_run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a TrainingRun YAML file (- for stdin)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                        help="change a field before validation, e.g. --set spec.workers=2 "
+                             "--set spec.workload.epochs=3 (YAML values; repeatable)")
+    parser.add_argument("--name", help="which TrainingRun to run when FILE holds several")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="run directory for checkpoints, logs and the summary (default: runs/<name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the checkpoints an earlier `leap run` left in the run directory")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="run a google-tpu run on CPU when this machine is not a TPU host")
+    parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
+                        help="when stopping workers, seconds between SIGTERM and SIGKILL (default 10)")
+    parser.add_argument("--backoff", type=float, default=1.0, metavar="SECONDS",
+                        help="wait before the first restart, doubled for each further one (default 1)")
+    parser.add_argument("--plain", action="store_true",
+                        help="progress as plain lines even on a terminal (the default when output is not one)")
+
+
+class RunError(Exception):
+    """An error before anything starts; the message says what to fix."""
+
+
+def _select(args: argparse.Namespace) -> tuple[str, dict]:
+    try:
+        documents = list(load_documents([args.file]))
+    except LoadError as exc:
+        raise RunError(str(exc)) from None
+    runs = [(where, doc) for where, doc in documents if is_leap_document(doc)]
+    if not runs:
+        raise RunError(f"no {names.KIND} found in {args.file}")
+    if args.name:
+        runs = [(w, d) for w, d in runs if isinstance(d, dict) and (d.get("metadata") or {}).get("name") == args.name]
+        if not runs:
+            raise RunError(f"no {names.KIND} named {args.name!r} in {args.file}")
+    if len(runs) > 1:
+        found = ", ".join(describe(d) for _, d in runs)
+        raise RunError(f"{args.file} holds {len(runs)} TrainingRuns ({found}); choose one with --name")
+    return runs[0]
+
+
+def _print_problems(where: str, doc: dict, problems, overrides, err: Console) -> None:
+    # The same lines as `leap validate`, plus which --set a problem came from.
+    err.print(f"{where} {describe(doc)}: INVALID ({len(problems)} problem{'s' if len(problems) > 1 else ''})",
+              highlight=False, markup=False, soft_wrap=True)
+    for problem in problems:
+        origin = origin_of(problem.field, overrides)
+        suffix = f" (from --set {origin.raw})" if origin else ""
+        err.print(f"  {problem.field}: {problem.message}{suffix}", highlight=False, markup=False, soft_wrap=True)
+    err.print("nothing was started.", highlight=False)
+
+
+def _final_summary(run_dir: RunDir, outcome: Outcome, run_name: str, total_seconds: float) -> dict | None:
+    """The trainer's summary (worker 0's, else any worker's) plus the local facts; saved as summary.json."""
+    summary = None
+    for worker in sorted(outcome.last_workers or [], key=lambda w: w.index):
+        try:
+            summary = json.loads(worker.plan.summary_path.read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    if summary is None:
+        return None
+    summary = {**summary, "run": run_name, "attempts": outcome.attempts, "total_seconds": round(total_seconds, 3)}
+    run_dir.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    # soft_wrap: long paths stay on one line (copyable), in terminals and logs alike.
+    out = Console(highlight=False, soft_wrap=True)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        return _run(args, out, err)
+    except RunError as exc:
+        err.print(f"error: {exc}", markup=False, soft_wrap=True)
+        return 1
+
+
+def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    where, doc = _select(args)
+    try:
+        doc, overrides = apply_overrides(doc, args.overrides)
+    except OverrideError as exc:
+        raise RunError(str(exc)) from None
+    problems = validate_run(doc)
+    if problems:
+        _print_problems(where, doc, problems, overrides, err)
+        return 1
+    run_obj = defaulted(doc)
+    spec, name = run_obj["spec"], run_obj["metadata"]["name"]
+    if spec["runPolicy"]["suspend"]:
+        raise RunError("spec.runPolicy.suspend is true, so the run has no workers; "
+                       "--set spec.runPolicy.suspend=false runs it")
+    workers = api.resolved_workers(spec)
+    procs = api.resolved_procs_per_worker(spec)
+    try:
+        device = devices.choose(spec["accelerator"]["type"], spec["framework"],
+                                int(spec["accelerator"].get("count") or 1), workers, args.allow_cpu)
+    except devices.AcceleratorUnavailable as exc:
+        raise RunError(str(exc)) from None
+    try:
+        run_dir = prepare(args.workdir or Path("runs") / name, name, resume=args.resume)
+    except RunDirError as exc:
+        raise RunError(str(exc)) from None
+
+    def plans_for(attempt: int) -> list[WorkerPlan]:
+        job = next(c for c in render_children(doc, attempt) if c["kind"] == "Job")
+        return build_plans(run_obj, job, attempt, run_dir, device, PortPicker())
+
+    try:
+        first = plans_for(1)  # env problems (e.g. a Secret) surface before anything starts
+    except EnvError as exc:
+        raise RunError(str(exc)) from None
+
+    workload = spec.get("workload") or {}
+    what = (f"{workload['kind']} {workload['model']} on {workload['dataset']}" if workload
+            else "command " + " ".join(spec["command"]))
+    out.print(f"leap run: [bold]{name}[/] ({spec['framework']}, {what}, {workers} worker{'s' if workers > 1 else ''}"
+              + (f" x {procs} processes" if procs > 1 else "") + f") on {device.used}")
+    if device.note:
+        out.print(f"note: {device.note}")
+    if (spec.get("scheduling") or {}).get("queueName"):
+        out.print("note: spec.scheduling.queueName is for the cluster's Kueue; a local run starts at once")
+    if args.resume and has_checkpoint(run_dir):
+        out.print(f"resuming from the checkpoints in {run_dir.checkpoints}")
+    out.print(f"run directory: {run_dir.path}")
+
+    info = RunInfo(name=name, framework=spec["framework"], workers=workers, procs_per_worker=procs,
+                   device=device.used, epochs=workload.get("epochs"),
+                   max_attempts=spec["runPolicy"]["backoffLimit"] + 1, run_dir=str(run_dir.path))
+    display = make_display(out, info, ProgressMonitor(), live=out.is_terminal and not args.plain)
+    stop = StopFlag()
+    previous = stop.install()
+    started = time.monotonic()
+    display.start()
+    try:
+        outcome = supervise(lambda attempt: first if attempt == 1 else plans_for(attempt),
+                            backoff_limit=spec["runPolicy"]["backoffLimit"], stop=stop, events=display,
+                            grace_seconds=args.grace_period, backoff_base=args.backoff,
+                            deadline_seconds=spec["runPolicy"].get("activeDeadlineSeconds"))
+    finally:
+        display.stop()
+        StopFlag.restore(previous)
+    total = time.monotonic() - started
+    return _report(outcome, run_dir, name, total, args, out, err)
+
+
+def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, out: Console, err: Console) -> int:
+    if outcome.reason == "Interrupted":
+        err.print(f"{name}: {outcome.message}.", markup=False)
+        if has_checkpoint(run_dir):
+            err.print(f"checkpoints are kept in {run_dir.checkpoints}; "
+                      f"`leap run --resume {args.file}` continues from them", markup=False, soft_wrap=True)
+        return outcome.exit_code
+    if not outcome.succeeded:
+        err.print(f"{name} failed ({outcome.reason}): {outcome.message}", markup=False, soft_wrap=True)
+        return outcome.exit_code
+    summary = _final_summary(run_dir, outcome, name, total)
+    if summary is None:
+        out.print(f"{name} succeeded in {total:.1f}s ({outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}); "
+                  "the workers wrote no summary (a custom command need not)")
+        return 0
+    out.print(summary_table(summary, attempts=outcome.attempts, total_seconds=total))
+    accuracy = summary.get("test_accuracy")
+    tail = f"test accuracy {percent(accuracy)}" if accuracy is not None else "no test accuracy reported"
+    out.print(f"[bold green]{name} succeeded[/]: [bold]{tail}[/] (summary: {run_dir.summary})", soft_wrap=True)
+    return 0

@@ -1,0 +1,41 @@
+"""Free TCP ports on 127.0.0.1 for rendezvous, TensorFlow workers and metrics.
+
+Ports are checked by binding, then released for the worker to bind: a tiny race with other
+programs, which a retry (the next attempt gets fresh ports) absorbs.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class PortPicker:
+    """Hands out distinct free ports; blocks of consecutive ports for per-local-rank metrics."""
+
+    def __init__(self, low: int = 20000, high: int = 60000, rng: random.Random | None = None):
+        self.low, self.high = low, high
+        self.taken: set[int] = set()
+        self.rng = rng or random.Random()
+
+    def block(self, size: int = 1) -> int:
+        """First port of `size` consecutive free ports."""
+        for _ in range(500):
+            start = self.rng.randrange(self.low, self.high - size)
+            ports = range(start, start + size)
+            if not self.taken.intersection(ports) and all(_bindable(p) for p in ports):
+                self.taken.update(ports)
+                return start
+        raise RuntimeError(f"no {size} consecutive free TCP ports between {self.low} and {self.high}")
+
+    def one(self) -> int:
+        return self.block(1)
