@@ -2,32 +2,42 @@
 # `make test` : set up everything the tests need (venv, Python deps, Debian's prometheus) and run them.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+# Two install levels: `run` needs the operator CLI and torch; `test` needs everything.
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test system-deps crd bench clean
+.PHONY: setup run test system-deps crd generate bench clean
 
-$(STAMP): pyproject.toml
+$(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
 
-setup: $(STAMP)
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[torch]'
+	touch $@
+
+$(TEST_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@ $(RUN_STAMP)
+
+setup: $(TEST_STAMP)
 
 # Debian packages used by the tests: a real Prometheus server and promtool.
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
 	  ( $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus )
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/leap run manifests/examples/mnist-cpu.yaml
 
-test: $(STAMP) system-deps
+test: $(TEST_STAMP) system-deps
 	$(VENV)/bin/pytest -q
 
-crd: $(STAMP)
+# Regenerate every derived file: the CRD, the chart's CRDs, dashboards, alert rules, install.yaml.
+crd generate: $(RUN_STAMP)
 	$(VENV)/bin/leap crd > manifests/crd/leap.dev_trainingruns.yaml
+	$(PY) helm/generate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -153,10 +153,8 @@ TRAINING = Dashboard(
               may_be_empty="leap_accelerator_memory_bytes is only reported where an accelerator is present "
                            "(no GPU/TPU in a CPU run)."),
         Panel("Restarts", [(f"sum(increase({names.OM_RESTARTS}[$__range]))", "gang restarts")],
-              decimals=0, description="Gang restarts the operator performed in the time range "
-                                      "(from the operator's metrics; every restart resumes from the last checkpoint).",
-              may_be_empty="Counted by the operator (leap_operator_restarts_total), not by leap-train: a "
-                           "standalone leap-train run has no operator."),
+              decimals=0, description="Gang restarts the operator performed in the time range, all runs "
+                                      "(the operator counts them; every restart resumes from the last checkpoint)."),
     ],
 )
 

@@ -39,12 +39,15 @@ def free_port() -> int:
 class PrometheusServer:
     def __init__(self, targets: list[str] | None = None, scrape_interval: str = "1s", *,
                  job: str = "leap", jobs: dict[str, list[str]] | None = None,
-                 rule_files: list[str | Path] | None = None, start_timeout: float = 60.0):
-        """targets: host:port to scrape under job `job`; jobs: more {job name: [host:port]}."""
+                 rule_files: list[str | Path] | None = None, scrape_configs: list[dict] | None = None,
+                 start_timeout: float = 60.0):
+        """targets: host:port to scrape under job `job`; jobs: more {job name: [host:port]};
+        scrape_configs: more raw Prometheus scrape configs (e.g. with relabel_configs)."""
         self.jobs = {job: list(targets or [])}
         self.jobs.update(jobs or {})
         self.scrape_interval = scrape_interval
         self.rule_files = [str(p) for p in rule_files or []]
+        self.extra_scrape_configs = list(scrape_configs or [])
         self.start_timeout = start_timeout
         self.port: int | None = None
         self.url = ""
@@ -58,7 +61,7 @@ class PrometheusServer:
                        "scrape_timeout": self.scrape_interval},
             "rule_files": self.rule_files,
             "scrape_configs": [{"job_name": name, "static_configs": [{"targets": targets}]}
-                               for name, targets in self.jobs.items() if targets],
+                               for name, targets in self.jobs.items() if targets] + self.extra_scrape_configs,
         }
 
     def __enter__(self) -> "PrometheusServer":

@@ -151,9 +151,12 @@ def test_resolved_procs_per_worker():
     assert api.resolved_procs_per_worker({"framework": "pytorch", "procsPerWorker": 3, "accelerator": {"type": "cpu"}}) == 3
 
 
-def test_model_names_match_the_trainer():
+def test_checked_in_crd_offers_exactly_the_trainers_models():
     from leap_trainer.specs import MODEL_LAYERS
-    assert set(api.MODELS) == set(MODEL_LAYERS)
+    schema = yaml.safe_load(CHECKED_IN.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    workload = schema["properties"]["spec"]["properties"]["workload"]["properties"]
+    assert workload["model"]["enum"] == list(MODEL_LAYERS)
+    assert workload["distillation"]["properties"]["teacher"]["enum"] == list(MODEL_LAYERS)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])

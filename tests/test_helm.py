@@ -62,8 +62,30 @@ def one(objects: list[dict], kind: str) -> dict:
     return found[0]
 
 
+def workload(objects: list[dict]) -> dict:
+    """The operator's Deployment (standalone) or StatefulSet (peering, HA)."""
+    found = by_kind(objects, "Deployment") + by_kind(objects, "StatefulSet")
+    assert len(found) == 1, [o["kind"] for o in found]
+    return found[0]
+
+
 def container(objects: list[dict]) -> dict:
-    return one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    return workload(objects)["spec"]["template"]["spec"]["containers"][0]
+
+
+def expanded_args(objects: list[dict], pod_index: int = 1) -> list[str]:
+    """The container args as the kubelet passes them: $(VAR) expanded from the env."""
+    import re
+    env = {e["name"]: e for e in container(objects)["env"]}
+
+    def value(match):
+        var = env[match.group(1)]
+        if "value" in var:
+            return var["value"]
+        path = var["valueFrom"]["fieldRef"]["fieldPath"]
+        return {"metadata.labels['apps.kubernetes.io/pod-index']": str(pod_index),
+                "metadata.name": f"leap-operator-{pod_index}"}[path]
+    return [re.sub(r"\$\(([A-Z_]+)\)", value, arg) for arg in container(objects)["args"]]
 
 
 def env_of(objects: list[dict]) -> dict[str, str]:
@@ -127,12 +149,16 @@ def test_notes_render_with_next_steps():
     assert "kubectl -n ml-ops rollout status deployment/leap-leap-operator" in notes
     assert "kubectl get trainingruns" in notes
     assert "LeapOperatorDown" in notes
+    with helm.Chart.load(str(CHART)) as chart:
+        notes = chart.render(HA, name="leap", namespace="ml-ops")["leap-operator/templates/NOTES.txt"]
+    assert "rollout status statefulset/leap-leap-operator" in notes
 
 
 # --- RBAC -----------------------------------------------------------------------------------
 
 OPERATOR_NEEDS = {
     ("leap.dev", "trainingruns", "watch"), ("leap.dev", "trainingruns", "patch"),
+    ("leap.dev", "trainingruns", "delete"),  # runPolicy.ttlSecondsAfterFinished
     ("leap.dev", "trainingruns/status", "patch"), ("leap.dev", "trainingruns/finalizers", "update"),
     ("batch", "jobs", "create"), ("batch", "jobs", "delete"), ("batch", "jobs", "watch"),
     ("", "services", "create"), ("", "pods", "list"), ("", "pods", "watch"),
@@ -158,8 +184,7 @@ def test_cluster_wide_rbac_grants_what_the_operator_does_and_no_more():
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"],
                                     "namespace": "leap-system"}]
-    assert container(objects) and one(objects, "Deployment")["spec"]["template"]["spec"][
-        "serviceAccountName"] == sa["metadata"]["name"]
+    assert workload(objects)["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
 
 
 def test_namespace_scoped_mode_stays_in_its_namespaces():
@@ -191,6 +216,7 @@ def test_namespace_scoped_mode_defaults_to_the_release_namespace():
 def test_deployment_is_pod_security_restricted_and_probed():
     _, objects = render()
     pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert one(objects, "Deployment")["spec"]["strategy"]["type"] == "Recreate"  # never two operators at once
     c = container(objects)
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
@@ -209,18 +235,33 @@ def test_deployment_is_pod_security_restricted_and_probed():
 
 
 def test_operator_args_parse_with_leap_operator():
-    cmd = pytest.importorskip("leap_operator.cmd_operator")
     import argparse
-    for values in ({}, {**NS_SCOPED, **HA}):
+    from leap_operator import cmd_operator
+    for values in ({}, NS_SCOPED, HA, {**NS_SCOPED, **HA}):
         _, objects = render(values)
         parser = argparse.ArgumentParser()
-        cmd.add_arguments(parser)
-        parser.parse_args(container(objects)["args"])  # SystemExit on an unknown flag
+        cmd_operator.add_arguments(parser)
+        args = parser.parse_args(expanded_args(objects))  # SystemExit on a flag `leap operator` lacks
+        ports = {p["name"]: p["containerPort"] for p in container(objects)["ports"]}
+        assert (args.metrics_port, args.liveness_port) == (ports["metrics"], ports["liveness"])
+        assert args.all_namespaces == values.get("watch", {}).get("allNamespaces", True)
+        assert args.namespace == [f"{ns}" for ns in values.get("watch", {}).get("namespaces", [])]
+        assert (args.peering is None) == (not values.get("peering", {}).get("enabled", False))
 
 
-def test_ha_replicas_need_peering():
+def test_ha_replicas_get_distinct_peering_priorities():
+    """kopf pauses every replica when two peers share a priority: each replica's priority is its
+    StatefulSet pod index, so exactly one (the highest index alive) acts."""
+    import argparse
+    from leap_operator import cmd_operator
     _, objects = render(HA)
-    assert one(objects, "Deployment")["spec"]["replicas"] == 2
+    sts = one(objects, "StatefulSet")
+    assert sts["spec"]["replicas"] == 2 and not by_kind(objects, "Deployment")
+    assert sts["spec"]["serviceName"] == one(objects, "Service")["metadata"]["name"]
+    parser = argparse.ArgumentParser()
+    cmd_operator.add_arguments(parser)
+    priorities = {parser.parse_args(expanded_args(objects, pod_index=i)).priority for i in range(2)}
+    assert priorities == {0, 1}
     peering = one(objects, "ClusterKopfPeering")
     assert f"--peering={peering['metadata']['name']}" in container(objects)["args"]
     env = {e["name"]: e for e in container(objects)["env"]}
@@ -301,7 +342,7 @@ def test_service_monitor_selects_the_operator_metrics_service():
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["endpoints"][0]["port"] in {p["name"] for p in svc["spec"]["ports"]}
     # The Service reaches the operator pods' metrics port.
-    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    pod_labels = workload(objects)["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
     assert svc["spec"]["ports"][0]["targetPort"] in {p["name"] for p in container(objects)["ports"]}
     # The alerts look for job="leap-operator": the ServiceMonitor's jobLabel yields it.

@@ -194,7 +194,8 @@ def test_tpu_run_explains_it_needs_a_tpu_host_unless_allowed_on_cpu(tmp_path):
     assert "no TPU on this machine: running on CPU (--allow-cpu)" in allowed.stdout
     (env,) = worker_envs(tmp_path / "cpu")
     assert env["LEAP_ACCELERATOR"] == "cpu"
-    assert env["TPU_WORKER_ID"] == "0" and env["TPU_WORKER_HOSTNAMES"] == "127.0.0.1"
+    # Without a TPU the workers must not be told they are on a TPU host.
+    assert "TPU_WORKER_ID" not in env and "TPU_WORKER_HOSTNAMES" not in env
 
 
 # --- restarts and stopping -----------------------------------------------------------------------
@@ -250,3 +251,17 @@ def test_a_missing_program_fails_clearly_before_training(tmp_path):
     done = leap("run", str(path), "--workdir", str(tmp_path / "run"))
     assert done.returncode == 1
     assert "cannot start 'no-such-trainer-xyz'" in done.stderr
+
+
+def test_workers_do_not_outlive_a_killed_leap_run(tmp_path):
+    # SIGKILL gives leap run no chance to stop anyone: the workers must go by themselves.
+    name = unique_name("orphan")
+    path = write_run(tmp_path, name, "import time; print('ready', flush=True); time.sleep(300)", workers=2)
+    proc = start_leap("run", str(path), "--workdir", str(tmp_path / "run"))
+    try:
+        wait_for(lambda: len(processes_of_run(name)) == 2, 60, "2 workers", proc)
+        proc.kill()
+        proc.wait(timeout=10)
+        wait_for(lambda: processes_of_run(name) == [], 10, "the workers to exit with their parent")
+    finally:
+        kill_run(name)

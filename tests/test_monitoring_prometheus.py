@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from leap_operator import names
 from leap_trainer import contract
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,6 +33,7 @@ pytestmark = [pytest.mark.slow,
                                  reason="prometheus missing: `make system-deps` installs it")]
 
 ROOT = Path(__file__).resolve().parents[1]
+OPERATOR_JOB = load_generator().OPERATOR_JOB
 RUN, NAMESPACE = "e2e-mnist", "ml-team"
 # Grafana's substitutions for a single selected run (scrape interval 1 s here).
 SUBSTITUTIONS = {"$namespace": NAMESPACE, "$run": RUN, "$__rate_interval": "10s", "$__range": "1m"}
@@ -40,7 +42,6 @@ SUBSTITUTIONS = {"$namespace": NAMESPACE, "$run": RUN, "$__rate_interval": "10s"
 MAY_BE_EMPTY = {
     "MFU": "leap_train_mfu is absent on devices without a known peak FLOP/s: a CPU has none in Leap's table.",
     "Accelerator memory": "leap_accelerator_memory_bytes measures GPU/TPU memory; a CPU run has no accelerator.",
-    "Restarts": "gang restarts are counted by the operator (leap_operator_restarts_total); this run has no operator.",
 }
 
 
@@ -56,6 +57,18 @@ class Live:
     started: float
 
 
+PORT_NAME_META = "__meta_kubernetes_pod_container_port_name"
+
+
+def podmonitor_relabel_configs() -> list[dict]:
+    """The chart's PodMonitor relabelings, in Prometheus's own spelling."""
+    import test_helm
+    _, objects = test_helm.render(test_helm.MONITORING)
+    pm = test_helm.one(objects, "PodMonitor")
+    spelled = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    return [{spelled.get(k, k): v for k, v in r.items()} for r in pm["spec"]["podMetricsEndpoints"][0]["relabelings"]]
+
+
 def substitute(expr: str) -> str:
     for var, value in SUBSTITUTIONS.items():
         expr = expr.replace(var, value)
@@ -63,22 +76,60 @@ def substitute(expr: str) -> str:
     return expr
 
 
+# The operator's real metrics registry (leap_operator.opmetrics), fed the way the operator feeds it
+# for two runs, one Running and one Failed, and served on 127.0.0.1. (Running the operator itself
+# needs a Kubernetes API server; this keeps the metric names, types and labels real.)
+OPERATOR_METRICS = """
+import sys, time
+from leap_operator import opmetrics as m
+m.set_phase(("ml-team", "e2e-mnist"), "Running")
+m.set_phase(("ml-team", "broken"), "Failed")
+for result, n in (("success", 40), ("error", 2)):
+    for _ in range(n):
+        m.RECONCILES.labels(result).inc()
+for seconds in (0.004, 0.02, 0.03, 0.2):
+    m.RECONCILE_SECONDS.observe(seconds)
+m.RESTARTS.inc()
+m.API_ERRORS.labels("patch", "trainingruns").inc()
+m.serve(int(sys.argv[1]), addr="127.0.0.1")
+while True:
+    m.RECONCILES.labels("success").inc()
+    m.RECONCILE_SECONDS.observe(0.01)
+    time.sleep(0.2)
+"""
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    port = free_port()
+    port, operator_port = free_port(), free_port()
     env = {**os.environ, contract.ENV_RUN: RUN, contract.ENV_NAMESPACE: NAMESPACE,
            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop(contract.ENV_METRICS_PORT, None)
-    # Enough work for ~20-40 s on a shared 2-core machine; several epochs so accuracy gets evaluated.
+    # Far more work than the tests need (~40 s at 150k samples/s; the fixture stops it once the tests
+    # are done): the first scrapes come ~6 s after start, and progress must still be below 1 then.
+    # Short epochs, so accuracy is evaluated early.
     cmd = [leap_train(), "--framework", "pytorch", "--workload", "classifier", "--model", "mlp",
-           "--dataset", "synthetic", "--samples", "40000", "--epochs", "30", "--batch-size", "64",
+           "--dataset", "synthetic", "--samples", "60000", "--epochs", "100", "--batch-size", "64",
            "--metrics-port", str(port), "--checkpoint-dir", str(tmp / "ckpt"), "--summary", str(tmp / "summary.json")]
     log = open(tmp / "leap-train.log", "wb")
     started = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    operator = subprocess.Popen([sys.executable, "-c", OPERATOR_METRICS, str(operator_port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    decoy = free_port()  # a container port that is not a metrics port (e.g. torch.distributed's)
+    podmonitor_job = {
+        "job_name": "podmonitor",
+        "static_configs": [
+            {"targets": [f"127.0.0.1:{port}"], "labels": {PORT_NAME_META: "metrics"}},
+            {"targets": [f"127.0.0.1:{decoy}"], "labels": {PORT_NAME_META: "torch-dist"}},
+        ],
+        "relabel_configs": podmonitor_relabel_configs(),
+    }
     try:
-        with PrometheusServer(targets=[f"127.0.0.1:{port}"], scrape_interval="1s", rule_files=[RULES]) as prom:
+        with PrometheusServer(targets=[f"127.0.0.1:{port}"], scrape_interval="1s", rule_files=[RULES],
+                              jobs={OPERATOR_JOB: [f"127.0.0.1:{operator_port}"]},
+                              scrape_configs=[podmonitor_job]) as prom:
             def need(expr: str, timeout: float = 90) -> None:
                 if proc.poll() is not None:
                     pytest.fail(f"leap-train exited early ({proc.returncode}):\n{(tmp / 'leap-train.log').read_text()[-3000:]}")
@@ -90,11 +141,15 @@ def live(tmp_path_factory):
             need(contract.M_ACCURACY)                                   # after the first evaluation
             need(f"rate({contract.M_STEP_SECONDS}_count[10s]) > 0")     # histogram moving
             need(f"rate({contract.M_SAMPLES}[10s]) > 0")                # still running now
+            need(f"rate({names.OM_RECONCILES}[10s]) > 0")               # the operator's registry too
             at = time.time()
             yield Live(prom=prom, at=at, started=started)
             if os.environ.get("LEAP_DASHBOARD_PNG"):
-                plot_training_dashboard(prom, started, at, Path(os.environ["LEAP_DASHBOARD_PNG"]))
+                time.sleep(30)  # let the picture show some history
+                plot_training_dashboard(prom, started, time.time(), Path(os.environ["LEAP_DASHBOARD_PNG"]))
     finally:
+        operator.terminate()
+        operator.wait(timeout=20)
         if proc.poll() is None:
             proc.terminate()
             try:
@@ -115,6 +170,14 @@ def test_prometheus_scrapes_a_running_leap_train(live):
     assert labels["rank"] == "0" and labels["framework"] == "pytorch" and labels["accelerator"] == "cpu"
     assert float(result[0]["value"][1]) > 100  # samples/s: the MLP trains far faster than this even on a busy CPU
     up = live.prom.query('up{job="leap"}', at=live.at)
+    assert [float(s["value"][1]) for s in up] == [1.0]
+
+
+def test_pod_monitor_relabelling_keeps_only_metrics_ports(live):
+    """The chart's PodMonitor keep-rule, applied by a real Prometheus to a metrics port and a decoy."""
+    targets = [t for t in live.prom.targets() if t["labels"]["job"] == "podmonitor"]
+    assert len(targets) == 1, targets
+    up = live.prom.query('up{job="podmonitor"}', at=live.at)
     assert [float(s["value"][1]) for s in up] == [1.0]
 
 
@@ -164,20 +227,35 @@ def test_training_dashboard_values_make_sense(live):
     assert 0 < p50 <= p99 < 10
 
 
-def test_operator_dashboard_queries_are_valid_promql(live):
+def test_every_operator_dashboard_query_returns_data(live):
+    empty = []
     for title, ref, expr in panel_queries("leap-operator.json"):
         try:
-            live.prom.query(expr, at=live.at)
+            result = live.prom.query(expr, at=live.at)
         except PromQLError as err:
             pytest.fail(f"panel {title!r} query {ref} is not valid PromQL: {err}")
+        if not result:
+            empty.append(f"{title} [{ref}]: {expr}")
+    assert not empty, "operator dashboard panels without data:\n" + "\n".join(empty)
+    queries = {title: expr for title, _, expr in panel_queries("leap-operator.json")}
+    assert value(live, queries["Operator up"]) == 1
+    assert value(live, queries["Runs"]) == 2
+    phases = {s["metric"]["phase"]: float(s["value"][1])
+              for s in live.prom.query(queries["Runs by phase"], at=live.at)}
+    assert phases["Running"] == 1 and phases["Failed"] == 1 and phases["Pending"] == 0
 
 
-def test_alert_rules_load_and_stay_quiet_on_a_healthy_run(live):
+def test_alert_rules_run_in_prometheus_against_real_metrics(live):
+    """The rules load into the real server; the Failed run fires LeapTrainingRunFailed, and the
+    healthy training run and the live operator fire nothing."""
+    firing = live.prom.wait_for('ALERTS{alertname="LeapTrainingRunFailed", alertstate="firing"}', timeout=30)
+    assert float(firing[0]["value"][1]) == 1
     groups = live.prom._get("/api/v1/rules", {"type": "alert"})["groups"]
     loaded = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(loaded) == set(alerts())
     assert all(r["health"] != "err" for r in loaded.values()), {n: r.get("lastError") for n, r in loaded.items()}
-    for name in ("LeapTrainingProgressStalled", "LeapTrainingThroughputDropped"):
+    for name in ("LeapTrainingProgressStalled", "LeapTrainingThroughputDropped", "LeapOperatorDown",
+                 "LeapOperatorAPIErrors"):
         assert loaded[name]["state"] == "inactive", loaded[name]
 
 

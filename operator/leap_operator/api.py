@@ -15,15 +15,15 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from leap_trainer import contract
+from leap_trainer.specs import MODEL_LAYERS
 
 # --- Small shared vocabularies --------------------------------------------------------------
 
 FRAMEWORKS = ("pytorch", "tensorflow")
 ACCELERATORS = ("cpu", "nvidia-gpu", "google-tpu")
 WORKLOAD_KINDS = ("classifier", "distillation")
-# leap_trainer.specs.MODEL_LAYERS is the source of these names; the literal below is checked
-# against it by tests/test_api.py (importing it here would make the CRD depend on the trainer).
-MODELS = ("mlp", "mlp-large")
+# The built-in models are the trainer's (leap_trainer.specs imports nothing heavy).
+MODELS = tuple(MODEL_LAYERS)
 DATASETS = ("digits", "synthetic")
 PHASES = ("Pending", "Running", "Restarting", "Succeeded", "Failed", "Suspended")
 # Phases in which the run's shape may still change: nothing runs yet, or the run is suspended.

@@ -70,17 +70,19 @@ class OperatorConfig:
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
         env = os.environ if environ is None else environ
-        registry = env.get(ENV_IMAGE_REGISTRY, DEFAULT_REGISTRY).rstrip("/")
-        tag = env.get(ENV_IMAGE_TAG, DEFAULT_TAG)
-        images = {key: env.get(image_env_var(*key)) or f"{registry}/{name}:{tag}"
-                  for key, name in IMAGE_NAMES.items()}
         base = cls()
+
+        def get(name: str, default: str) -> str:
+            return env.get(name) or default  # an empty value (e.g. from a Helm default) means unset
+
+        registry = get(ENV_IMAGE_REGISTRY, DEFAULT_REGISTRY).rstrip("/")
+        tag = get(ENV_IMAGE_TAG, DEFAULT_TAG)
         return cls(
-            images=images,
-            image_pull_policy=env.get(ENV_IMAGE_PULL_POLICY, base.image_pull_policy),
-            default_cpu_request=env.get(ENV_DEFAULT_CPU, base.default_cpu_request),
-            default_memory_request=env.get(ENV_DEFAULT_MEMORY, base.default_memory_request),
-            cluster_domain=env.get(ENV_CLUSTER_DOMAIN, base.cluster_domain),
-            checkpoint_mount_path=env.get(ENV_CHECKPOINT_MOUNT, base.checkpoint_mount_path),
-            shm_size=env.get(ENV_SHM_SIZE, base.shm_size),
+            images={key: get(image_env_var(*key), f"{registry}/{name}:{tag}") for key, name in IMAGE_NAMES.items()},
+            image_pull_policy=get(ENV_IMAGE_PULL_POLICY, base.image_pull_policy),
+            default_cpu_request=get(ENV_DEFAULT_CPU, base.default_cpu_request),
+            default_memory_request=get(ENV_DEFAULT_MEMORY, base.default_memory_request),
+            cluster_domain=get(ENV_CLUSTER_DOMAIN, base.cluster_domain),
+            checkpoint_mount_path=get(ENV_CHECKPOINT_MOUNT, base.checkpoint_mount_path),
+            shm_size=get(ENV_SHM_SIZE, base.shm_size),
         )

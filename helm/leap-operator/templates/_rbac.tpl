@@ -1,10 +1,11 @@
 {{/* RBAC rule lists, shared by the ClusterRole and the per-namespace Roles. */}}
 {{/* What the operator does in a namespace it serves. */}}
 {{- define "leap.namespacedRules" -}}
-# TrainingRuns: watch them, keep kopf's bookkeeping (annotations, finalizers) and write status.
+# TrainingRuns: watch them, keep kopf's bookkeeping (annotations, finalizers), write status,
+# and delete finished runs whose runPolicy.ttlSecondsAfterFinished has passed.
 - apiGroups: ["leap.dev"]
   resources: ["trainingruns"]
-  verbs: ["get", "list", "watch", "patch", "update"]
+  verbs: ["get", "list", "watch", "patch", "update", "delete"]
 - apiGroups: ["leap.dev"]
   resources: ["trainingruns/status"]
   verbs: ["get", "patch", "update"]

@@ -13,7 +13,6 @@ baseline the summary compares against) and the distilled student, for the same s
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from leap_trainer import contract
+from leap_trainer.summary import human_line, write_summary
 from leap_trainer.tf_strategy import (
     MULTI_WORKER,
     TPU,
@@ -37,6 +37,8 @@ FRAMEWORK = "tensorflow"
 STEPS_PER_EXECUTION = 50
 EVAL_BATCH = 1000
 DEFAULT_TEACHER = "mlp-large"
+CLASSIFIER_PHASES = ("classifier",)
+DISTILLATION_PHASES = ("teacher", "student-alone", "distilled-student")
 PHASE_SEEDS = {"classifier": 0, "teacher": 1, "student-alone": 2, "distilled-student": 2}
 
 
@@ -52,6 +54,7 @@ class PhaseResult:
     accuracy: float
     samples_per_second: float
     train_seconds: float
+    final_loss: float | None   # mean training loss of the last epoch run (None if nothing ran)
 
 
 @dataclass
@@ -68,10 +71,6 @@ class Run:
     metrics: Any
     checkpoint_dir: Path | None
     phases: list[PhaseResult] = field(default_factory=list)
-
-    @property
-    def steps_done(self) -> int:
-        return sum(phase.steps for phase in self.phases)
 
 
 def main(args) -> int:
@@ -97,7 +96,10 @@ def main(args) -> int:
         from leap_trainer.tf_keras_compat import patch_keras_for_multi_worker
 
         patch_keras_for_multi_worker()
-    dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
+    try:
+        dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"leap-train: --dataset {args.dataset!r}: {error}") from None
     world_size = strategy.num_replicas_in_sync
     global_batch = args.batch_size * world_size
     steps_per_epoch = len(dataset.x_train) // global_batch
@@ -108,11 +110,12 @@ def main(args) -> int:
         )
 
     workload_steps = steps_per_epoch * args.epochs
-    phase_count = 3 if args.workload == "distillation" else 1
     device = describe_device(plan)
     dtype = "bf16" if plan.kind == TPU else "fp32"
-    metrics = open_metrics(args, plan, device, dtype, total_steps=workload_steps * phase_count)
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    phases = DISTILLATION_PHASES if args.workload == "distillation" else CLASSIFIER_PHASES
+    metrics = open_metrics(args, plan, device, dtype, total_steps=workload_steps * len(phases),
+                           initial_step=checkpointed_steps(checkpoint_dir, phases))
     worker_batch = global_batch // max(1, plan.workers)
     run = Run(args, plan, strategy, dataset, global_batch, worker_batch, steps_per_epoch, metrics, checkpoint_dir)
 
@@ -123,14 +126,15 @@ def main(args) -> int:
             model = train_phase(run, "classifier", lambda: compiled(build(args.model), args.lr, plan))
             summary = {"test_accuracy": run.phases[-1].accuracy}
             save_final_model(run, model)
+        metrics.finish()
     finally:
-        if metrics is not None:
-            metrics.close()
+        metrics.close()
 
     main_phase = run.phases[-1]
-    flops_per_sample = model_flops_per_sample(args.model)
-    flops_per_second = main_phase.samples_per_second * flops_per_sample
+    # As on the PyTorch path: the trained model's FLOPs (a distillation teacher's forward pass is not counted).
+    flops_per_second = main_phase.samples_per_second * model_flops_per_sample(args.model)
     peak = peak_flops(device, dtype)
+    peak_total = peak * world_size if peak else None  # one replica per device
     summary.update({
         "framework": FRAMEWORK,
         "workload": args.workload,
@@ -139,19 +143,21 @@ def main(args) -> int:
         "strategy": plan.kind,
         "samples_per_second": main_phase.samples_per_second,
         "flops_per_second": flops_per_second,
-        "mfu": (flops_per_second / peak) if peak else None,
-        "steps": run.steps_done,
+        "mfu": (flops_per_second / peak_total) if peak_total else None,
+        "precision": dtype,
+        "steps": main_phase.steps,
         "epochs": args.epochs,
+        "batch_size": args.batch_size,
         "global_batch_size": global_batch,
+        "final_loss": main_phase.final_loss,
         "wall_seconds": time.perf_counter() - started,
         "device": device,
         "world_size": world_size,
-        "resumed_from_step": sum(phase.resumed_from_step for phase in run.phases),
+        "resumed_from_step": main_phase.resumed_from_step,
     })
     if plan.is_chief:
         write_summary(args.summary, summary)
-    log(f"done: test accuracy {summary['test_accuracy']:.4f}, {summary['samples_per_second']:.0f} samples/s, "
-        f"{summary['steps']} steps, {summary['wall_seconds']:.1f} s")
+    log(human_line(summary))
     return 0
 
 
@@ -167,6 +173,14 @@ def validate_args(args) -> None:
         raise SystemExit(f"leap-train: --lr must be > 0, got {args.lr}")
     if args.workload not in ("classifier", "distillation"):
         raise SystemExit(f"leap-train: --workload {args.workload!r} is unknown; choose classifier or distillation")
+    if args.workload == "distillation":
+        teacher = args.teacher or DEFAULT_TEACHER
+        if teacher not in MODEL_LAYERS:
+            raise SystemExit(f"leap-train: --teacher {teacher!r} is unknown; choose one of {sorted(MODEL_LAYERS)}")
+        if args.temperature is None or args.temperature <= 0:
+            raise SystemExit(f"leap-train: --temperature must be > 0, got {args.temperature}")
+        if args.alpha is None or not 0.0 <= args.alpha <= 1.0:
+            raise SystemExit(f"leap-train: --alpha must be between 0 and 1, got {args.alpha}")
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -238,7 +252,7 @@ def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
 
     # Same initial weights on every worker; the student trained alone and the distilled student
     # start from the same weights, so the comparison is distillation alone.
-    seed = PHASE_SEEDS.get(name, 0)
+    seed = run.args.seed + PHASE_SEEDS.get(name, 0)
     keras.utils.set_random_seed(seed)
     with run.strategy.scope():
         model = make_model()
@@ -256,35 +270,36 @@ def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
                                          steps_per_epoch=run.steps_per_epoch, is_chief=run.plan.is_chief))
     began = time.perf_counter()
     epoch, into_epoch = divmod(resumed, run.steps_per_epoch)
+    losses: list[float] = []
     if resumed < total and into_epoch:
         # Finish the interrupted epoch with its remaining batches, then carry on epoch by epoch.
-        model.fit(train_dataset(run, seed).take(run.steps_per_epoch - into_epoch), initial_epoch=epoch,
-                  epochs=epoch + 1, callbacks=callbacks, verbose=0)
+        history = model.fit(train_dataset(run, seed).take(run.steps_per_epoch - into_epoch), initial_epoch=epoch,
+                            epochs=epoch + 1, callbacks=callbacks, verbose=0)
+        losses += history.history.get("loss", [])
         epoch += 1
     if epoch < run.args.epochs:
-        model.fit(train_dataset(run, seed), initial_epoch=epoch, epochs=run.args.epochs, callbacks=callbacks, verbose=0)
+        history = model.fit(train_dataset(run, seed), initial_epoch=epoch, epochs=run.args.epochs,
+                            callbacks=callbacks, verbose=0)
+        losses += history.history.get("loss", [])
     train_seconds = time.perf_counter() - began
     steps = optimizer_steps(model)
     if checkpoints and run.plan.is_chief and not (state and state.done and state.step == steps):
         checkpoints.save(model, step=steps, epoch=run.args.epochs, done=True)
 
     accuracy = float(model.evaluate(test_dataset(run), verbose=0, return_dict=True)["accuracy"])
-    if run.metrics is not None:
-        run.metrics.set_accuracy(accuracy)
-    result = PhaseResult(name, steps, resumed, accuracy, clock.steady_samples_per_second(), train_seconds)
+    run.metrics.set_accuracy(accuracy)
+    result = PhaseResult(name, steps, resumed, accuracy, clock.steady_samples_per_second(), train_seconds,
+                         float(losses[-1]) if losses else None)
     run.phases.append(result)
     log(f"{name}: {steps} steps, test accuracy {accuracy:.4f}, {result.samples_per_second:.0f} samples/s")
     return model
 
 
 def distill(run: Run) -> dict[str, Any]:
-    from leap_trainer.specs import MODEL_LAYERS
     from leap_trainer.tf_models import Distiller
 
     args = run.args
     teacher_name = args.teacher or DEFAULT_TEACHER
-    if teacher_name not in MODEL_LAYERS:
-        raise SystemExit(f"leap-train: --teacher {teacher_name!r} is unknown; choose one of {sorted(MODEL_LAYERS)}")
     # The student is the --model (the small one); the teacher is bigger.
     student_name = args.model
     teacher = train_phase(run, "teacher", lambda: compiled(build(teacher_name), args.lr, run.plan))
@@ -322,21 +337,14 @@ def save_final_model(run: Run, model) -> None:
     log(f"final model: {path}")
 
 
-def write_summary(path: str | None, summary: dict[str, Any]) -> None:
-    if not path:
-        return
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    log(f"summary: {target}")
-
-
 def describe_device(plan: StrategyPlan) -> str:
     """A device name the peak-FLOP/s table understands: the GPU's name, the TPU type, or 'cpu'."""
     import tensorflow as tf
 
     if plan.kind == TPU:
-        return f"TPU {os.environ.get('TPU_ACCELERATOR_TYPE', '')}".strip()
+        # GKE sets TPU_ACCELERATOR_TYPE, e.g. v4-8, v5litepod-16, v6e-8: "TPU v5 lite-16" matches the table.
+        accelerator_type = os.environ.get("TPU_ACCELERATOR_TYPE", "").replace("litepod", " lite")
+        return f"TPU {accelerator_type}".strip()
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
         return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
@@ -356,7 +364,17 @@ def peak_flops(device: str, dtype: str) -> float | None:
     return table_peak(device, dtype)
 
 
-def open_metrics(args, plan: StrategyPlan, device: str, dtype: str, total_steps: int):
+def checkpointed_steps(checkpoint_dir: Path | None, phases: tuple[str, ...]) -> int:
+    """Steps already done according to the phases' checkpoints: where the counters resume."""
+    from leap_trainer.tf_checkpoint import PhaseCheckpoints
+
+    if checkpoint_dir is None:
+        return 0
+    states = (PhaseCheckpoints(checkpoint_dir, phase).latest() for phase in phases)
+    return sum(state.step for state in states if state is not None)
+
+
+def open_metrics(args, plan: StrategyPlan, device: str, dtype: str, total_steps: int, initial_step: int):
     """TrainingMetrics for this worker, serving /metrics when a port is given."""
     from leap_trainer.metrics import TrainingMetrics
 
@@ -366,15 +384,15 @@ def open_metrics(args, plan: StrategyPlan, device: str, dtype: str, total_steps:
     metrics = TrainingMetrics(
         run=env.get(contract.ENV_RUN, "local"),
         namespace=env.get(contract.ENV_NAMESPACE, ""),
-        rank=str(plan.worker_index),
+        rank=plan.worker_index,
         framework=FRAMEWORK,
         accelerator=accelerator,
         port=args.metrics_port,
         flops_per_sample=model_flops_per_sample(args.model),
         peak_flops=peak_flops(device, dtype),
         total_steps=total_steps,
+        initial_step=initial_step,
     )
-    if args.metrics_port:
-        metrics.start_server()
+    metrics.start_server()  # serves only when a port is set
     return metrics
 

@@ -2,7 +2,7 @@
 
 With steps_per_execution = k, Keras calls on_train_batch_end once per k steps, so these
 callbacks cost nothing per step. Step counts come from the optimizer's iteration counter
-(the steps actually applied), read once per batch group.
+(the steps actually applied), read only when reporting or saving.
 """
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ class PhaseClock:
         self.global_batch = global_batch
         self.worker_batch = worker_batch
         self.steps = 0               # optimizer iterations at the last read
-        self.warm_step: int | None = None
+        self.begin_step: int | None = None   # when this phase's first fit began
+        self.begin_time = 0.0
+        self.warm_step: int | None = None    # after its first batch group
         self.warm_time = 0.0
         self.end_time = 0.0
 
     def steady_samples_per_second(self) -> float:
-        if self.warm_step is None or self.steps <= self.warm_step or self.end_time <= self.warm_time:
-            return 0.0
-        return (self.steps - self.warm_step) * self.global_batch / (self.end_time - self.warm_time)
+        """Global samples/s after warm-up; from the start when the phase was a single batch group."""
+        for step, start in ((self.warm_step, self.warm_time), (self.begin_step, self.begin_time)):
+            if step is not None and self.steps > step and self.end_time > start:
+                return (self.steps - step) * self.global_batch / (self.end_time - start)
+        return 0.0
 
 
 def optimizer_steps(model: keras.Model) -> int:
@@ -58,10 +62,11 @@ class MetricsReporter(keras.callbacks.Callback):
         self.clock.steps = optimizer_steps(self.model)
         self._last_steps = self.clock.steps
         self._last_time = time.perf_counter()
+        if self.clock.begin_step is None:
+            self.clock.begin_step, self.clock.begin_time = self.clock.steps, self._last_time
 
     def on_epoch_begin(self, epoch, logs=None):
-        if self.metrics is not None:
-            self.metrics.set_epoch(epoch + 1)
+        self.metrics.set_epoch(epoch + 1)
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
@@ -85,7 +90,7 @@ class MetricsReporter(keras.callbacks.Callback):
 
     def _report(self, now: float, logs) -> None:
         steps = self.clock.steps - self._last_steps
-        if self.metrics is None or steps <= 0:
+        if steps <= 0:
             return
         loss = float(logs["loss"]) if logs and "loss" in logs else None
         self.metrics.report(

@@ -184,7 +184,7 @@ def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, ou
         err.print(f"{name}: {outcome.message}.", markup=False)
         if has_checkpoint(run_dir):
             err.print(f"checkpoints are kept in {run_dir.checkpoints}; "
-                      f"`leap run --resume {args.file}` continues from them", markup=False, soft_wrap=True)
+                      "the same command with --resume continues from them", markup=False, soft_wrap=True)
         return outcome.exit_code
     if not outcome.succeeded:
         err.print(f"{name} failed ({outcome.reason}): {outcome.message}", markup=False, soft_wrap=True)

@@ -57,6 +57,8 @@ def progress_line(label: str, p: dict, epochs: int | None) -> str:
         parts.append(f"epoch {int(p['epoch'])}" + (f"/{epochs}" if epochs else ""))
     if p.get("loss") is not None:
         parts.append(f"loss {p['loss']:.4f}")
+    if p.get("accuracy") is not None:
+        parts.append(f"accuracy {100 * p['accuracy']:.1f}%")
     if p.get("samplesPerSecond") is not None:
         parts.append(f"{p['samplesPerSecond']:,.0f} samples/s")
     if p.get("etaSeconds") is not None:
@@ -115,7 +117,9 @@ class PlainDisplay(BaseDisplay):
         latest = self.monitor.poll(workers)
         now = time.monotonic()
         for index, progress in sorted(latest.items()):
-            # The first report at once (the run is alive), then every few seconds.
+            if not progress.get("samplesPerSecond"):
+                continue  # serving metrics, not training yet
+            # The first report at once (training has begun), then every few seconds.
             if now - self._printed.get(index, -1e9) >= self.every:
                 self._printed[index] = now
                 self.note(progress_line(f"  worker {index}", progress, self.info.epochs))
@@ -147,8 +151,11 @@ class LiveDisplay(BaseDisplay):
             table.add_column(column, justify="left" if column in ("worker", "progress", "state") else "right")
         latest = self.monitor.latest
         for worker in self.workers:
-            p = latest.get(worker.index, {})
+            p = dict(latest.get(worker.index, {}))
             code = worker.proc.poll()
+            if code == 0 and p.get("totalSteps"):
+                # leap-train exits 0 only after its last step; the last scrape may predate it.
+                p.update(step=p["totalSteps"], percent=100.0, etaSeconds=0.0)
             state = "running" if code is None else ("done" if code == 0 else describe_exit(code))
             pct = p.get("percent")
             table.add_row(
@@ -178,7 +185,7 @@ _ROWS = (
     ("flops_per_second", "FLOP/s", lambda v: si(v, "FLOP/s")),
     ("mfu", "MFU", lambda v: f"{100 * v:.2f}%"),
     ("steps", "steps", lambda v: f"{int(v)}"),
-    ("resumed_from_step", "resumed from step", lambda v: f"{int(v)}"),
+    ("resumed_from_step", "resumed from step", lambda v: f"{int(v)}" if v else None),
     ("world_size", "world size", lambda v: f"{int(v)}"),
     ("device", "device", str),
     ("wall_seconds", "wall time (last attempt)", lambda v: f"{v:.1f}s"),
@@ -190,10 +197,11 @@ def summary_table(summary: dict, *, attempts: int, total_seconds: float) -> Tabl
     table.add_column("what")
     table.add_column("value", justify="right")
     for key, label, fmt in _ROWS:
-        if summary.get(key) is not None:
-            table.add_row(label, fmt(summary[key]))
+        text = fmt(summary[key]) if summary.get(key) is not None else None
+        if text is not None:
+            table.add_row(label, text)
         elif key == "mfu":
-            table.add_row(label, "- (unknown peak FLOP/s for this device)")
+            table.add_row(label, "n/a (no known peak FLOP/s for this device)")
     # Distillation and other workloads add their own accuracies (teacher, student alone, ...).
     for key, value in summary.items():
         if key != "test_accuracy" and key.endswith("accuracy") and isinstance(value, (int, float)):

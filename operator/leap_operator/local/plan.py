@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from leap_operator import api
-from leap_operator.local.devices import CPU, GPU, DeviceChoice
+from leap_operator.local.devices import CPU, GPU, TPU, DeviceChoice
 from leap_operator.local.podenv import LOCALHOST, expand_all, resolve_env
 from leap_operator.local.ports import PortPicker
 from leap_operator.local.rundir import RunDir
@@ -118,8 +118,16 @@ def build_plans(run: dict, job: dict, attempt: int, run_dir: RunDir, device: Dev
         pod_name = f"{job['metadata']['name']}-{index}"
         pod_env = resolve_env(container, index=index, pod_name=pod_name, namespace=namespace,
                               pod_metadata=template.get("metadata") or {}, local=local, shell_env=shell_env)
+        if device.used != TPU:
+            # The trainer takes these as "this is a TPU host"; a TPU run allowed on CPU drops them.
+            for name in (contract.ENV_TPU_WORKER_ID, contract.ENV_TPU_WORKER_HOSTNAMES):
+                pod_env.pop(name, None)
         pod_env[contract.ENV_SUMMARY] = str(run_dir.worker_summary(attempt, index))
         env = {**base_env, **pod_env}
+        if device.used == CPU and workers > 1 and "OMP_NUM_THREADS" not in env:
+            # Pods of a cluster each have a node's cores; here the workers share this machine's.
+            # A thread per core in every worker would oversubscribe the CPU several times over.
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (workers * procs)))
         visible = _visible_gpus(device, index, gpus_per_worker, workers)
         if visible is not None:
             env["CUDA_VISIBLE_DEVICES"] = visible

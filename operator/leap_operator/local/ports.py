@@ -13,7 +13,8 @@ import socket
 def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
-            sock.bind(("127.0.0.1", port))
+            # The wildcard address conflicts with any bind of this port (trainers listen on 0.0.0.0).
+            sock.bind(("0.0.0.0", port))
         except OSError:
             return False
     return True
@@ -22,7 +23,8 @@ def _bindable(port: int) -> bool:
 class PortPicker:
     """Hands out distinct free ports; blocks of consecutive ports for per-local-rank metrics."""
 
-    def __init__(self, low: int = 20000, high: int = 60000, rng: random.Random | None = None):
+    # Below Linux's ephemeral range (32768+), so outgoing connections do not take them meanwhile.
+    def __init__(self, low: int = 20000, high: int = 32000, rng: random.Random | None = None):
         self.low, self.high = low, high
         self.taken: set[int] = set()
         self.rng = rng or random.Random()

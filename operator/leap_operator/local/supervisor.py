@@ -10,8 +10,10 @@ new one after an exponential backoff, up to runPolicy.backoffLimit restarts.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -88,15 +90,37 @@ class Worker:
             pass
 
 
+# Even if `leap run` itself is SIGKILLed (no chance to stop anyone), its workers must not live on:
+# each worker asks Linux for SIGKILL when its parent dies, then execs the real command (same pid).
+# A tiny exec'ing launcher instead of preexec_fn, which is unsafe while the display's thread runs.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass  # not Linux\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)  # the parent died before prctl took effect\n"
+    "os.execv(sys.argv[2], sys.argv[3:])\n"
+)
+
+
+def _launcher(program: str, argv: list[str]) -> list[str]:
+    """The command line that runs `program` (a resolved path) with `argv` (argv[0] as given)."""
+    if True:
+        return [program, *argv[1:]]
+    return [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), program, *argv]
+
+
 def start_worker(plan: WorkerPlan) -> Worker:
+    program = shutil.which(plan.argv[0], path=plan.env.get("PATH"))
+    if program is None:
+        raise WorkerStartError(f"{plan.label}: cannot start {plan.argv[0]!r} (not found, or not executable); "
+                               "for spec.command, install that program here or give its full path")
     plan.log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(plan.log_path, "ab") as log:
-        try:
-            proc = subprocess.Popen(plan.argv, env=plan.env, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        except (FileNotFoundError, PermissionError) as exc:
-            raise WorkerStartError(f"{plan.label}: cannot start {plan.argv[0]!r} ({exc.strerror}); "
-                                   "for spec.command, install that program here or give its full path") from exc
+        proc = subprocess.Popen(_launcher(program, plan.argv), env=plan.env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     plan.pid_path.write_text(f"{proc.pid}\n")
     return Worker(plan, proc)
 

@@ -1,0 +1,143 @@
+"""`leap-train`: the entrypoint of Leap's training images.
+
+Flags that have an environment variable in contract.py default from it, so a pod rendered by
+the operator and a person at a terminal run the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import contract as c
+from .specs import MODEL_LAYERS
+
+FRAMEWORKS = ("pytorch", "tensorflow")
+WORKLOADS = ("classifier", "distillation")
+DEFAULT_CHECKPOINT_EVERY = 100
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        return value
+    return parse
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _dataset(text: str) -> str:
+    if text in ("digits", "synthetic"):
+        return text
+    if text.endswith(".npz"):
+        if not os.path.exists(text):
+            raise argparse.ArgumentTypeError(f"file {text!r} does not exist")
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not 'digits', 'synthetic' or a path to a .npz file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ
+    p = argparse.ArgumentParser(
+        prog="leap-train",
+        description="Train a Leap workload (PyTorch or TensorFlow) and export throughput metrics.")
+    p.add_argument("--framework", choices=FRAMEWORKS, default=env.get(c.ENV_FRAMEWORK) or "pytorch",
+                   help=f"default: ${c.ENV_FRAMEWORK} or pytorch")
+    p.add_argument("--workload", choices=WORKLOADS, default="classifier")
+    p.add_argument("--model", choices=sorted(MODEL_LAYERS), default="mlp",
+                   help="mlp = 784-128-10 (the classifier, the distillation student); mlp-large = 784-512-256-10")
+    p.add_argument("--dataset", type=_dataset, default="digits",
+                   help="digits (shipped: 4000 train / 1000 test), synthetic, or PATH.npz")
+    p.add_argument("--samples", type=_positive(int), default=None,
+                   help="training samples (synthetic: how many to generate; digits: a prefix)")
+    p.add_argument("--epochs", type=_positive(int), default=10)
+    p.add_argument("--batch-size", type=_positive(int), default=64, help="per process; global = this x world size")
+    p.add_argument("--lr", type=_positive(float), default=1e-3,
+                   help="peak learning rate (PyTorch: 5%% linear warmup, then cosine decay)")
+    p.add_argument("--teacher", choices=sorted(MODEL_LAYERS), default="mlp-large", help="distillation teacher")
+    p.add_argument("--temperature", type=_positive(float), default=4.0, help="distillation softmax temperature")
+    p.add_argument("--alpha", type=_fraction, default=0.7, help="weight of the distillation (KL) term, 0..1")
+    p.add_argument("--checkpoint-dir", default=env.get(c.ENV_CHECKPOINT_DIR) or None,
+                   help=f"resume from and save to this directory; default: ${c.ENV_CHECKPOINT_DIR}")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=None,
+                   help=f"steps between checkpoints (0: only at the end); default: ${c.ENV_CHECKPOINT_EVERY} "
+                        f"or {DEFAULT_CHECKPOINT_EVERY}")
+    p.add_argument("--metrics-port", type=_non_negative_int, default=None,
+                   help=f"serve Prometheus metrics here (local rank r uses port + r; 0: off); "
+                        f"default: ${c.ENV_METRICS_PORT}")
+    p.add_argument("--summary", default=env.get(c.ENV_SUMMARY) or None,
+                   help=f"write the JSON summary here; default: ${c.ENV_SUMMARY} or CHECKPOINT_DIR/summary.json")
+    p.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the model")
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and shuffling seed")
+    return p
+
+
+def _env_default(parser: argparse.ArgumentParser, args, flag: str, var: str, fallback):
+    """Fill an unset flag from its environment variable, failing clearly on a malformed value."""
+    dest = flag.lstrip("-").replace("-", "_")
+    if getattr(args, dest) is not None:
+        return
+    raw = os.environ.get(var)
+    if raw in (None, ""):
+        setattr(args, dest, fallback)
+        return
+    try:
+        setattr(args, dest, _non_negative_int(raw))
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"environment variable {var} (default of {flag}): {error}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _env_default(parser, args, "--checkpoint-every", c.ENV_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_EVERY)
+    _env_default(parser, args, "--metrics-port", c.ENV_METRICS_PORT, None)
+    if args.metrics_port == 0:
+        args.metrics_port = None
+    if args.summary is None and args.checkpoint_dir:
+        args.summary = os.path.join(args.checkpoint_dir, "summary.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.framework == "tensorflow":
+        from . import keras_train
+
+        return keras_train.main(args)
+    from . import distributed
+
+    if distributed.needs_local_launch():
+        return distributed.launch_local(argv)
+    from . import torch_run
+
+    return torch_run.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

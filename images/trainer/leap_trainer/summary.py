@@ -1,0 +1,34 @@
+"""The run's JSON summary (read by tests, benchmarks and `leap run`) and its one-line echo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_summary(path: str | None, summary: dict[str, Any]) -> None:
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, target)
+
+
+def human_line(summary: dict[str, Any]) -> str:
+    parts = [f"test accuracy {summary['test_accuracy'] * 100:.1f}%"]
+    if summary.get("student_alone_accuracy") is not None:
+        parts.append(f"student alone {summary['student_alone_accuracy'] * 100:.1f}%, "
+                     f"teacher {summary['teacher_accuracy'] * 100:.1f}%")
+    parts.append(f"{summary['samples_per_second']:,.0f} samples/s")
+    parts.append(f"{summary['flops_per_second'] / 1e9:,.2f} GFLOP/s")
+    if summary.get("mfu") is not None:
+        parts.append(f"MFU {summary['mfu'] * 100:.1f}%")
+    parts.append(f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s")
+    parts.append(f"{summary['world_size']} process(es) on {summary['device']}")
+    if summary.get("resumed_from_step"):
+        parts.append(f"resumed from step {summary['resumed_from_step']}")
+    return " | ".join(parts)

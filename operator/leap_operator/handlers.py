@@ -1,0 +1,324 @@
+"""kopf glue: watch TrainingRuns and their Jobs and Pods, and keep the world as compute_status says.
+
+Shape of the controller (level-triggered, one reconcile loop per run):
+- kopf indexes hold every Job and Pod labelled leap.dev/run, keyed by (namespace, run). kopf fills
+  the indexes before any handler starts, so after an operator restart the first reconcile already
+  sees the Jobs that exist and adopts them instead of creating new ones.
+- A kopf daemon per TrainingRun (started on create and on resume) reconciles: observe (run,
+  Job of the current attempt, its pods) -> status.compute_status() -> write status if it changed
+  -> carry out the decision. It sleeps until woken by an event of the run or of its Jobs/Pods,
+  or until the next deadline (backoff, activeDeadlineSeconds, TTL).
+- Event handlers on the run (update) and on Jobs/Pods map each event to its run and wake it.
+- A delete handler removes the children (the API server's GC does too, via ownerReferences).
+- A timer scrapes rank 0's /metrics while the run is Running and writes status.progress.
+Job names are deterministic (<run>-a<attempt>) and the attempt is written to status before its
+Job is created, so neither a crash nor a retry can create two Jobs for one attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import kopf
+
+from leap_operator import api, names, opmetrics, progress, render
+from leap_operator.config import OperatorConfig
+from leap_operator.kube import Kube, KubeError
+from leap_operator.status import compute_status, pod_attempt, pod_index, status_patch
+from leap_operator.validation import Problem, defaulted, plain, validate_run
+
+RUNS = (names.GROUP, names.VERSION, names.PLURAL)
+JOBS = ("batch", "v1", "jobs")
+PODS = ("", "v1", "pods")
+OWNED = {names.LABEL_RUN: kopf.PRESENT}
+FINALIZER = f"{names.GROUP}/finalizer"
+
+
+@dataclass
+class ControllerConfig:
+    backoff_base: float = 10.0        # first gang-restart delay, doubled per restart
+    backoff_max: float = 300.0
+    progress_interval: float = 5.0    # seconds between scrapes of rank 0
+    scrape_timeout: float = 2.0
+    error_backoff: float = 1.0        # first retry delay after a failed reconcile
+    operator: OperatorConfig = field(default_factory=OperatorConfig.from_env)
+
+
+@dataclass
+class RunState:
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    status: dict | None = None               # the last status this operator wrote
+    created: dict[str, dict] = field(default_factory=dict)  # Jobs created, not yet seen in the index
+    deleted: set[str] = field(default_factory=set)           # Jobs deleted by us
+    validated: tuple[Any, list] | None = None                 # (generation, problems)
+    progress: dict | None = None
+    errors: int = 0
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig | None = None):
+        self.config = config or ControllerConfig()
+        self.kube: Kube | None = None
+        self.runs: dict[tuple[str, str], RunState] = {}
+        self._http: aiohttp.ClientSession | None = None
+
+    def state(self, namespace: str, name: str) -> RunState:
+        return self.runs.setdefault((namespace, name), RunState())
+
+    def wake(self, namespace: str | None, name: str | None) -> None:
+        state = self.runs.get((namespace or "", name or ""))
+        if state is not None:
+            state.wake.set()
+
+    # --- one reconciliation ------------------------------------------------------------------
+
+    async def reconcile(self, body: Any, jobs_index: Any, pods_index: Any, logger: logging.Logger) -> float | None:
+        raw = plain(body)
+        meta = raw.get("metadata") or {}
+        namespace, name, uid = meta.get("namespace") or "default", meta["name"], meta.get("uid")
+        state = self.state(namespace, name)
+        if meta.get("deletionTimestamp"):
+            return None
+
+        generation = meta.get("generation")
+        if state.validated is None or state.validated[0] != (generation, _spec_key(raw)):
+            try:
+                found = validate_run(raw, config=self.config.operator)
+            except Exception as exc:  # a malformed object must not crash the loop
+                found = [Problem("spec", f"cannot be validated: {exc!r}")]
+            state.validated = ((generation, _spec_key(raw)), found)
+        problems = state.validated[1]
+
+        run = defaulted(raw) if not problems else raw
+        run["status"] = dict(state.status if state.status is not None else raw.get("status") or {})
+        attempt = int(run["status"].get("attempt") or 1)
+        current_name = render.job_name(name, attempt)
+
+        # Observe: Jobs of this run (index, plus our own creations the index has not shown yet).
+        jobs: dict[str, dict] = {}
+        for job in jobs_index.get((namespace, name), []):
+            job_name = job["metadata"]["name"]
+            state.created.pop(job_name, None)
+            jobs[job_name] = job
+        for job_name, job in state.created.items():
+            jobs.setdefault(job_name, job)
+        current = jobs.get(current_name)
+        if current is not None and not _owned_by(current, uid):
+            current = None  # a leftover of an earlier run with the same name: stale, deleted below
+        pods = [p for p in pods_index.get((namespace, name), []) if pod_attempt(p) == attempt]
+
+        decision = compute_status(run, current, pods, _now(), problems=problems,
+                                  backoff_base=self.config.backoff_base, backoff_max=self.config.backoff_max)
+
+        # Persist first: the attempt number must be durable before its Job exists. A "create"
+        # decision never changes the attempt (restarts persist the new one first), so its status
+        # is written with the Job in hand on the next pass: one status write instead of two.
+        patch = status_patch(run["status"], decision.status) if decision.action != "create" else None
+        if decision.action == "create":
+            decision.events = []
+        if patch:
+            result = await self.kube.patch(names.API_VERSION, names.PLURAL, namespace, name,
+                                           {"status": patch}, subresource="status")
+            if result is None:
+                return None  # the run is gone
+            state.status = decision.status
+        phase = decision.status.get("phase")
+        opmetrics.set_phase((namespace, name), phase)
+        for type_, reason, message in decision.events:
+            kopf.event(raw, type=type_, reason=reason, message=message)
+            (logger.warning if type_ == "Warning" else logger.info)("%s: %s", reason, message)
+        if decision.action == "restart":
+            opmetrics.RESTARTS.inc()
+
+        requeue = decision.requeue_after
+        new_attempt = int(decision.status.get("attempt") or attempt)
+        new_current = render.job_name(name, new_attempt)
+
+        # Jobs of other attempts (or of an older run of the same name) go, pods with them.
+        for job_name, job in jobs.items():
+            if (job_name != new_current or not _owned_by(job, uid)) and job_name not in state.deleted:
+                await self._delete_job(namespace, job_name, state, logger)
+
+        action = decision.action
+        if action == "create":
+            children = render.render_children(raw, new_attempt, self.config.operator)
+            for child in children:
+                created = await self.kube.create(child)
+                if child["kind"] == "Job":
+                    state.created[child["metadata"]["name"]] = _trim(created)
+                    state.deleted.discard(child["metadata"]["name"])
+                    kopf.event(raw, type="Normal", reason="JobCreated",
+                               message=f"created Job {child['metadata']['name']} (attempt {new_attempt})")
+            requeue = 0.0  # look again right away with the Job in hand
+        elif action == "stop" and current is not None:
+            await self._delete_job(namespace, current_name, state, logger)
+        elif action in ("suspend", "resume") and current is not None:
+            await self.kube.patch("batch/v1", "jobs", namespace, current_name,
+                                  {"spec": {"suspend": action == "suspend"}})
+        elif action == "delete-run":
+            await self.kube.delete(names.API_VERSION, names.PLURAL, namespace, name)
+            return None
+        return requeue
+
+    async def _delete_job(self, namespace: str, job_name: str, state: RunState, logger: logging.Logger) -> None:
+        await self.kube.delete("batch/v1", "jobs", namespace, job_name, propagation="Background")
+        state.deleted.add(job_name)
+        state.created.pop(job_name, None)
+        logger.info("deleted Job %s", job_name)
+
+    # --- progress ---------------------------------------------------------------------------
+
+    async def scrape(self, body: Any, pods_index: Any, logger: logging.Logger) -> None:
+        raw = plain(body)
+        meta, status = raw.get("metadata") or {}, raw.get("status") or {}
+        namespace, name = meta.get("namespace") or "default", meta["name"]
+        spec = defaulted(raw)["spec"]
+        attempt = int(status.get("attempt") or 1)
+        pod0 = next((p for p in pods_index.get((namespace, name), [])
+                     if pod_attempt(p) == attempt and pod_index(p) == 0
+                     and (p.get("status") or {}).get("podIP")), None)
+        if pod0 is None:
+            return
+        url = f"http://{pod0['status']['podIP']}:{spec['metrics']['port']}/metrics"
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.scrape_timeout))
+        try:
+            async with self._http.get(url) as response:
+                text = await response.text()
+            rank0 = progress.progress_from_metrics_text(text)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            logger.debug("scraping %s failed: %r", url, exc)
+            return
+        world = api.resolved_workers(spec) * api.resolved_procs_per_worker(spec)
+        new = progress.run_progress(rank0, world)
+        state = self.state(namespace, name)
+        old = state.progress if state.progress is not None else {
+            k: v for k, v in (status.get("progress") or {}).items() if k != "updateTime"}
+        if new and new != old:
+            new_status = {"progress": {**new, "updateTime": _now().strftime("%Y-%m-%dT%H:%M:%SZ")}}
+            if await self.kube.patch(names.API_VERSION, names.PLURAL, namespace, name,
+                                     {"status": new_status}, subresource="status") is not None:
+                state.progress = new
+
+
+def _spec_key(raw: dict) -> str:
+    return repr(raw.get("spec"))
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _owned_by(obj: dict, uid: str | None) -> bool:
+    owners = (obj.get("metadata") or {}).get("ownerReferences") or []
+    controller = next((o for o in owners if o.get("controller")), None)
+    return uid is None or controller is None or controller.get("uid") == uid
+
+
+def _trim(obj: dict) -> dict:
+    """What the controller needs of a Job or Pod (indexes hold thousands of these)."""
+    meta = obj.get("metadata") or {}
+    spec = obj.get("spec") or {}
+    return {
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "labels", "annotations",
+                                              "ownerReferences", "deletionTimestamp") if meta.get(k) is not None},
+        "spec": {k: spec[k] for k in ("suspend", "completions", "parallelism") if k in spec},
+        "status": dict(obj.get("status") or {}),
+    }
+
+
+async def _sleep(wake: asyncio.Event, stopped: Any, timeout: float | None) -> None:
+    if timeout is not None and timeout <= 0:
+        return
+    waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+def _run_key(namespace: str | None, labels: Any) -> tuple[str, str]:
+    return namespace or "", str((labels or {}).get(names.LABEL_RUN, ""))
+
+
+def setup(registry: kopf.OperatorRegistry, controller: Controller) -> Controller:
+    """Register every handler on `registry`, bound to `controller`."""
+    cfg = controller.config
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        if info is None:
+            info = kopf.login_via_client(**kwargs)
+        if info is not None:
+            controller.kube = Kube(info=info)
+        return info
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: Any) -> None:
+        if controller.kube is not None:
+            await controller.kube.close()
+        if controller._http is not None:
+            await controller._http.close()
+
+    @kopf.index(*JOBS, labels=OWNED, id="jobs_by_run", registry=registry)
+    def jobs_by_run(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
+        return {_run_key(namespace, labels): _trim(plain(body))}
+
+    @kopf.index(*PODS, labels=OWNED, id="pods_by_run", registry=registry)
+    def pods_by_run(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
+        return {_run_key(namespace, labels): _trim(plain(body))}
+
+    @kopf.on.event(*JOBS, labels=OWNED, registry=registry)
+    @kopf.on.event(*PODS, labels=OWNED, registry=registry)
+    def child_event(namespace: str, labels: Any, **_: Any) -> None:
+        controller.wake(*_run_key(namespace, labels))
+
+    @kopf.on.event(*RUNS, registry=registry)
+    def run_event(namespace: str, name: str, **_: Any) -> None:
+        controller.wake(namespace, name)  # create, update (spec edits, suspend), status of others
+
+    @kopf.daemon(*RUNS, cancellation_timeout=10.0, backoff=1.0, registry=registry)
+    async def run_daemon(stopped: Any, body: Any, namespace: str, name: str, logger: logging.Logger,
+                         jobs_by_run: Any, pods_by_run: Any, **_: Any) -> None:
+        """Create and resume: one reconcile loop per TrainingRun until it is deleted."""
+        state = controller.state(namespace, name)
+        while not stopped:
+            state.wake.clear()
+            started = time.perf_counter()
+            try:
+                delay = await controller.reconcile(body, jobs_by_run, pods_by_run, logger)
+                opmetrics.RECONCILES.labels("success").inc()
+                state.errors = 0
+            except (KubeError, Exception) as exc:  # never let one run's trouble stop its loop
+                opmetrics.RECONCILES.labels("error").inc()
+                state.errors += 1
+                delay = min(60.0, cfg.error_backoff * 2 ** (state.errors - 1))
+                logger.warning("reconcile failed (retry in %.1fs): %r", delay, exc)
+            opmetrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+            await _sleep(state.wake, stopped, delay)
+
+    @kopf.on.delete(*RUNS, registry=registry)
+    async def run_deleted(namespace: str, name: str, logger: logging.Logger, jobs_by_run: Any, **_: Any) -> None:
+        """Delete the run's children (the API server's GC would too; this does not wait for it)."""
+        for job in list(jobs_by_run.get((namespace, name), [])):
+            await controller.kube.delete("batch/v1", "jobs", namespace, job["metadata"]["name"])
+        await controller.kube.delete("v1", "services", namespace, render.service_name(name))
+        controller.runs.pop((namespace, name), None)
+        opmetrics.set_phase((namespace, name), None)
+        logger.info("deleted the children of %s", name)
+
+    @kopf.timer(*RUNS, interval=cfg.progress_interval, idle=None,
+                when=lambda status, **_: (status or {}).get("phase") == "Running", registry=registry)
+    async def scrape_progress(body: Any, logger: logging.Logger, pods_by_run: Any, **_: Any) -> None:
+        """While Running: rank 0's /metrics -> status.progress (written only when it changed)."""
+        await controller.scrape(body, pods_by_run, logger)
+
+    return controller

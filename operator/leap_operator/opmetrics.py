@@ -1,0 +1,55 @@
+"""The operator's own metrics on /metrics (prometheus_client, a registry of its own).
+
+Names come from leap_operator.names: reconciles by result, reconcile latency, runs by phase,
+gang restarts, Kubernetes API errors by verb and resource; plus the process collector (RSS,
+CPU, open files) so the operator's footprint is visible next to its work.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import PlatformCollector, ProcessCollector
+
+from leap_operator import api, names
+
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+RECONCILES = Counter(names.OM_RECONCILES.removesuffix("_total"), "Reconciliations of TrainingRuns by result.",
+                     ["result"], registry=REGISTRY)
+RECONCILE_SECONDS = Histogram(names.OM_RECONCILE_SECONDS, "Wall time of one reconciliation of a TrainingRun.",
+                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                              registry=REGISTRY)
+RUNS = Gauge(names.OM_RUNS, "TrainingRuns seen by this operator, by phase.", ["phase"], registry=REGISTRY)
+RESTARTS = Counter(names.OM_RESTARTS.removesuffix("_total"), "Gang restarts (new attempts) of TrainingRuns.",
+                   registry=REGISTRY)
+API_ERRORS = Counter(names.OM_API_ERRORS.removesuffix("_total"),
+                     "Failed Kubernetes API requests (errors and retries), by verb and resource.",
+                     ["verb", "resource"], registry=REGISTRY)
+
+_phases: dict[tuple[str, str], str] = {}
+_lock = threading.Lock()
+for _phase in api.PHASES:
+    RUNS.labels(_phase).set(0)
+
+
+def set_phase(key: tuple[str, str], phase: str | None) -> None:
+    """Record a run's phase (None: the run is gone) and refresh the runs-by-phase gauge."""
+    with _lock:
+        if phase is None:
+            _phases.pop(key, None)
+        else:
+            _phases[key] = phase
+        counts = {p: 0 for p in api.PHASES}
+        for value in _phases.values():
+            counts[value] = counts.get(value, 0) + 1
+        for p, n in counts.items():
+            RUNS.labels(p).set(n)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> None:
+    """Serve /metrics on a background thread."""
+    start_http_server(port, addr=addr, registry=REGISTRY)

@@ -1,0 +1,352 @@
+"""A TrainingRun's status as a pure function of (run, job, pods, now), plus what to do next.
+
+No I/O here: the handlers feed in what they observed and carry out the returned decision.
+`compute_status` is deterministic, so the same observation always yields the same status and
+the same action, which is what makes the operator safe to restart at any moment.
+
+Decisions (Decision.action):
+  create     create the Service and this attempt's Job (names are deterministic, so a retry
+             or a second operator can never produce a second Job for the same attempt)
+  restart    the attempt failed and restarts remain: status moves to attempt+1 (written first),
+             then the old Job is deleted; the new Job is created after the backoff
+  stop       delete the current Job (deadline exceeded, or failed while workers still run)
+  suspend / resume   set the Job's spec.suspend
+  delete-run ttlSecondsAfterFinished expired
+  none       nothing to do; look again after `requeue_after` seconds when set
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+from leap_operator import api, names
+from leap_trainer import contract
+
+PENDING, RUNNING, RESTARTING, SUCCEEDED, FAILED, SUSPENDED = api.PHASES
+TERMINAL = (SUCCEEDED, FAILED)
+
+# Condition types (Kubeflow/JobSet style).
+VALID, CREATED, C_RUNNING, C_RESTARTING, C_SUSPENDED, C_SUCCEEDED, C_FAILED = (
+    "Valid", "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+PHASE_CONDITION = {RUNNING: C_RUNNING, RESTARTING: C_RESTARTING, SUSPENDED: C_SUSPENDED,
+                   SUCCEEDED: C_SUCCEEDED, FAILED: C_FAILED}
+
+# Reasons (machine-readable, CamelCase).
+R_INVALID = "InvalidSpec"
+R_BACKOFF = "BackoffLimitExceeded"
+R_DEADLINE = "DeadlineExceeded"
+R_COMPLETED = "JobCompleted"
+R_ATTEMPT_FAILED = "AttemptFailed"
+R_QUEUED = "Queued"
+
+DEFAULT_BACKOFF_BASE = 10.0
+DEFAULT_BACKOFF_MAX = 300.0
+
+
+@dataclass
+class Decision:
+    status: dict
+    action: str = "none"
+    requeue_after: float | None = None
+    reason: str = ""
+    message: str = ""
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+
+
+# --- small helpers -------------------------------------------------------------------------------
+
+def fmt_time(t: dt.datetime) -> str:
+    return t.astimezone(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: Any) -> dt.datetime | None:
+    if not text or not isinstance(text, str):
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+
+def backoff_seconds(restart: int, base: float = DEFAULT_BACKOFF_BASE, cap: float = DEFAULT_BACKOFF_MAX) -> float:
+    """Delay before the `restart`-th restart (1-based): base, 2*base, 4*base, ... capped."""
+    return min(cap, base * (2 ** max(0, restart - 1)))
+
+
+def set_condition(conditions: list[dict], type_: str, status: bool, reason: str, message: str,
+                  now: dt.datetime) -> list[dict]:
+    """A new list with `type_` set; lastTransitionTime kept when the status did not change."""
+    value = "True" if status else "False"
+    out, found = [], False
+    for cond in conditions:
+        if cond.get("type") == type_:
+            found = True
+            ltt = cond.get("lastTransitionTime") if cond.get("status") == value else None
+            out.append({"type": type_, "status": value, "reason": reason, "message": message,
+                        "lastTransitionTime": ltt or fmt_time(now)})
+        else:
+            out.append(dict(cond))
+    if not found:
+        out.append({"type": type_, "status": value, "reason": reason, "message": message,
+                    "lastTransitionTime": fmt_time(now)})
+    return out
+
+
+def get_condition(conditions: list[dict] | None, type_: str) -> dict | None:
+    return next((c for c in conditions or [] if c.get("type") == type_), None)
+
+
+def _job_condition(job: dict | None, type_: str) -> dict | None:
+    for cond in ((job or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def pod_index(pod: dict) -> int | None:
+    meta = pod.get("metadata") or {}
+    value = (meta.get("annotations") or {}).get(contract.JOB_COMPLETION_INDEX_ANNOTATION)
+    if value is None:
+        value = (meta.get("labels") or {}).get(contract.JOB_COMPLETION_INDEX_ANNOTATION)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def pod_attempt(pod: dict) -> int | None:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(names.LABEL_ATTEMPT))
+    except (TypeError, ValueError):
+        return None
+
+
+def pod_failed(pod: dict) -> str | None:
+    """Why this pod counts as a failed worker (None if it does not)."""
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed":
+        return status.get("reason") or "PodFailed"
+    if (pod.get("metadata") or {}).get("deletionTimestamp") and status.get("reason") == "Evicted":
+        return "Evicted"
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
+            return cond.get("reason") or "DisruptionTarget"
+    return None
+
+
+def attempt_failure(job: dict | None, pods: list[dict]) -> tuple[str, str] | None:
+    """(reason, message) if this attempt has failed: a gang cannot lose a worker and go on."""
+    for type_ in ("Failed", "FailureTarget"):
+        cond = _job_condition(job, type_)
+        if cond:
+            return cond.get("reason") or "JobFailed", cond.get("message") or f"Job {type_}"
+    failed = int(((job or {}).get("status") or {}).get("failed") or 0)
+    if failed:
+        return "WorkerFailed", f"{failed} worker pod(s) failed"
+    for pod in sorted(pods, key=lambda p: (pod_index(p) is None, pod_index(p) or 0)):
+        why = pod_failed(pod)
+        if why:
+            name = (pod.get("metadata") or {}).get("name", "?")
+            return ("Evicted" if why == "Evicted" else "WorkerFailed"), f"pod {name} failed ({why})"
+    return None
+
+
+def worker_counts(spec: dict, job: dict | None, pods: list[dict]) -> dict:
+    js = (job or {}).get("status") or {}
+    failed_pods = sum(1 for p in pods if pod_failed(p))
+    counts = {
+        "desired": api.resolved_workers(spec),
+        "active": int(js.get("active") or 0),
+        "succeeded": int(js.get("succeeded") or 0),
+        "failed": max(int(js.get("failed") or 0), failed_pods),
+    }
+    if js.get("ready") is not None:
+        counts["ready"] = int(js["ready"])
+    return counts
+
+
+# --- the status function ---------------------------------------------------------------------------
+
+def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.datetime, *,
+                   problems: list | None = None, backoff_base: float = DEFAULT_BACKOFF_BASE,
+                   backoff_max: float = DEFAULT_BACKOFF_MAX) -> Decision:
+    """The run's new status and the next action.
+
+    run: the TrainingRun (spec defaulted; status = the last status written);
+    job: this attempt's Job (status.attempt, default 1), or None if it does not exist;
+    pods: the pods of this attempt; problems: validate_run()'s result (empty: valid).
+    """
+    spec = run.get("spec") if isinstance(run.get("spec"), dict) else {}
+    old = dict(run.get("status") or {}) if isinstance(run.get("status"), dict) else {}
+    meta = run.get("metadata") or {}
+    conds = [dict(c) for c in old.get("conditions") or [] if isinstance(c, dict)]
+    attempt = int(old.get("attempt") or 1)
+    restarts = int(old.get("restarts") or 0)
+    policy = spec.get("runPolicy") if isinstance(spec.get("runPolicy"), dict) else {}
+    backoff_limit = int(policy.get("backoffLimit", 3)) if not problems else 0
+    phase_before = old.get("phase")
+
+    new: dict[str, Any] = {k: v for k, v in old.items() if k not in ("progress",)}
+    new["attempt"] = attempt
+    new["restarts"] = restarts
+    if meta.get("generation") is not None:
+        new["observedGeneration"] = meta["generation"]
+
+    def finish(phase: str, reason: str, message: str, action: str = "none",
+               requeue: float | None = None) -> Decision:
+        nonlocal conds
+        new["phase"], new["reason"], new["message"] = phase, reason, message
+        for p, ctype in PHASE_CONDITION.items():
+            if p == phase:
+                conds = set_condition(conds, ctype, True, reason, message, now)
+            elif get_condition(conds, ctype) is not None or ctype == C_RUNNING:
+                conds = set_condition(conds, ctype, False, reason or phase, message, now)
+        if phase in TERMINAL and not new.get("completionTime"):
+            new["completionTime"] = fmt_time(now)
+        new["conditions"] = conds
+        decision = Decision(status=new, action=action, requeue_after=requeue, reason=reason, message=message)
+        decision.events = transition_events(old, new)
+        return decision
+
+    # Invalid runs: no children, a condition saying why, terminal (the spec is immutable).
+    if problems:
+        message = "; ".join(str(p) for p in problems)
+        conds = set_condition(conds, VALID, False, R_INVALID, message, now)
+        return finish(FAILED, R_INVALID, message)
+    conds = set_condition(conds, VALID, True, "Validated", "spec is valid", now)
+
+    if job is not None:
+        new["jobName"] = (job.get("metadata") or {}).get("name")
+        conds = set_condition(conds, CREATED, True, "JobCreated",
+                              f"Job {new['jobName']} created for attempt {attempt}", now)
+    elif get_condition(conds, CREATED) is None:
+        conds = set_condition(conds, CREATED, False, "JobPending", "the Job is not created yet", now)
+    new["workers"] = worker_counts(spec, job, pods)
+
+    # Finished runs stay finished; only the TTL remains.
+    if phase_before in TERMINAL:
+        ttl = policy.get("ttlSecondsAfterFinished")
+        done = parse_time(old.get("completionTime"))
+        decision = finish(phase_before, old.get("reason") or "", old.get("message") or "")
+        decision.events = []
+        if ttl is not None and done is not None:
+            left = (done + dt.timedelta(seconds=int(ttl)) - now).total_seconds()
+            if left <= 0:
+                decision.action = "delete-run"
+                decision.events = [("Normal", "TTLExpired",
+                                    f"deleting the run {ttl}s after it finished")]
+            else:
+                decision.requeue_after = left
+        if phase_before == FAILED and job is not None and not _job_finished(job) \
+                and new["workers"]["active"] > 0:
+            decision.action = "stop"
+        return decision
+
+    # Deadline: counted from the run's first start, across attempts.
+    deadline = policy.get("activeDeadlineSeconds")
+    started = parse_time(old.get("startTime"))
+    if _job_condition(job, "Failed") and (_job_condition(job, "Failed").get("reason") == R_DEADLINE):
+        return finish(FAILED, R_DEADLINE, f"attempt {attempt} ran past activeDeadlineSeconds={deadline}")
+    if deadline and started is not None:
+        left = (started + dt.timedelta(seconds=int(deadline)) - now).total_seconds()
+        if left <= 0:
+            return finish(FAILED, R_DEADLINE, f"the run ran longer than activeDeadlineSeconds={deadline}",
+                          action="stop" if job is not None else "none")
+    else:
+        left = None
+
+    def requeue(value: float | None = None) -> float | None:
+        values = [v for v in (value, left) if v is not None]
+        return max(0.0, min(values)) if values else None
+
+    # Suspended by the user: the Job is suspended (pods gone) or never created.
+    if policy.get("suspend"):
+        action = "suspend" if job is not None and not (job.get("spec") or {}).get("suspend") else "none"
+        return finish(SUSPENDED, "Suspended", "spec.runPolicy.suspend is true: no pods run", action)
+
+    if job is None:
+        # Between attempts: wait for the backoff, counted from when the attempt failed.
+        if phase_before == RESTARTING:
+            since = parse_time((get_condition(conds, C_RESTARTING) or {}).get("lastTransitionTime"))
+            wait = backoff_seconds(restarts, backoff_base, backoff_max)
+            remaining = wait - (now - since).total_seconds() if since else 0.0
+            if remaining > 0:
+                return finish(RESTARTING, old.get("reason") or R_ATTEMPT_FAILED,
+                              f"attempt {attempt} starts in {remaining:.0f}s", requeue=requeue(remaining))
+            d = finish(RESTARTING, old.get("reason") or R_ATTEMPT_FAILED,
+                       f"creating the Job for attempt {attempt}", action="create", requeue=requeue())
+            return d
+        return finish(PENDING, "Creating", f"creating the Job for attempt {attempt}", action="create",
+                      requeue=requeue())
+
+    # The Job exists: read its outcome.
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet") or (
+            new["workers"]["succeeded"] >= new["workers"]["desired"] > 0):
+        if not new.get("startTime"):
+            new["startTime"] = fmt_time(now)
+        return finish(SUCCEEDED, R_COMPLETED, f"all {new['workers']['desired']} workers finished (attempt {attempt})")
+
+    failure = attempt_failure(job, pods)
+    if failure:
+        why, detail = failure
+        if restarts < backoff_limit:
+            wait = backoff_seconds(restarts + 1, backoff_base, backoff_max)
+            new["attempt"], new["restarts"] = attempt + 1, restarts + 1
+            new.pop("jobName", None)
+            return finish(RESTARTING, why,
+                          f"attempt {attempt} failed ({detail}); restart {restarts + 1}/{backoff_limit} "
+                          f"as attempt {attempt + 1} in {wait:g}s", action="restart", requeue=requeue(wait))
+        still_running = new["workers"]["active"] > 0 and not _job_finished(job)
+        return finish(FAILED, R_BACKOFF,
+                      f"attempt {attempt} failed ({detail}) and backoffLimit={backoff_limit} restarts are used up",
+                      action="stop" if still_running else "none")
+
+    if (job.get("spec") or {}).get("suspend"):
+        queue = (spec.get("scheduling") or {}).get("queueName")
+        if queue:
+            return finish(PENDING, R_QUEUED, f"waiting for admission by queue {queue}", requeue=requeue())
+        return finish(PENDING, "Resuming", "resuming the suspended Job", action="resume", requeue=requeue())
+
+    workers = new["workers"]
+    if workers["active"] > 0:
+        if not new.get("startTime"):
+            new["startTime"] = fmt_time(now)
+            if deadline:
+                left = float(deadline)
+        return finish(RUNNING, "WorkersActive",
+                      f"{workers['active']}/{workers['desired']} workers active (attempt {attempt})",
+                      requeue=requeue())
+    return finish(PENDING, "JobCreated", f"Job {new['jobName']} created; waiting for its pods",
+                  requeue=requeue())
+
+
+def _job_finished(job: dict) -> bool:
+    return bool(_job_condition(job, "Complete") or _job_condition(job, "Failed"))
+
+
+def transition_events(old: dict, new: dict) -> list[tuple[str, str, str]]:
+    """One Event per phase transition (and per new attempt)."""
+    events: list[tuple[str, str, str]] = []
+    if old.get("phase") == new.get("phase") and old.get("attempt", 1) == new.get("attempt"):
+        return events
+    phase, reason, message = new.get("phase"), new.get("reason") or "", new.get("message") or ""
+    warning = phase == FAILED or phase == RESTARTING
+    events.append(("Warning" if warning else "Normal", reason or phase or "Updated", f"{phase}: {message}"))
+    return events
+
+
+def status_patch(old: dict, new: dict) -> dict | None:
+    """A merge patch from old to new status (None: nothing changed). Progress is not ours here."""
+    patch = {}
+    for key, value in new.items():
+        if key == "progress":
+            continue
+        if old.get(key) != value:
+            patch[key] = value
+    for key in old:
+        if key not in new and key != "progress" and old.get(key) is not None:
+            patch[key] = None
+    return patch or None

@@ -1,0 +1,90 @@
+"""`leap run` with the real trainer: the README's quick start, DDP with a killed worker, Ctrl-C.
+
+Each test starts the real CLI in a subprocess, which starts real `leap-train` processes (PyTorch
+on CPU, DDP over gloo); kills are real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from test_local_run import EXAMPLES, kill_run, leap, processes_of_run, start_leap, unique_name, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_start_trains_mnist_cpu_to_90_percent_and_prints_the_accuracy(tmp_path):
+    name = unique_name("quickstart")
+    try:
+        done = leap("run", str(EXAMPLES / "mnist-cpu.yaml"), "--workdir", str(tmp_path / "run"),
+                    "--set", f"metadata.name={name}")
+    finally:
+        kill_run(name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    match = re.search(r"succeeded: test accuracy (\d+\.\d+)%", done.stdout)
+    assert match, done.stdout
+    assert float(match.group(1)) >= 90.0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.90
+    assert summary["world_size"] == 1 and summary["attempts"] == 1
+    assert "throughput" in done.stdout and "FLOP/s" in done.stdout and "wall time" in done.stdout
+
+
+def test_ddp_run_survives_a_killed_worker_by_resuming_from_its_checkpoint(tmp_path):
+    name = unique_name("ddp-kill")
+    workdir = tmp_path / "run"
+    # 30 epochs: long enough that the kill lands mid-run; checkpoints every 50 steps.
+    proc = start_leap("run", str(EXAMPLES / "ddp-cpu.yaml"), "--workdir", str(workdir),
+                      "--set", f"metadata.name={name}", "--set", "spec.workload.epochs=30",
+                      "--set", "spec.checkpoint.everySteps=50")
+    try:
+        wait_for(lambda: (workdir / "checkpoints" / "latest.pt").exists(), 180, "the first checkpoint", proc)
+        victim = int((workdir / "attempt-1" / "worker-1.pid").read_text())
+        assert "leap-train" in Path(f"/proc/{victim}/cmdline").read_text()
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+        kill_run(name)
+    assert proc.returncode == 0, out + err
+    assert "attempt 1: worker 1 was killed by SIGKILL" in out
+    assert "attempt 2/4: started" in out
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["world_size"] == 2          # DDP across the two local workers
+    assert summary["attempts"] == 2
+    assert summary["resumed_from_step"] > 0    # attempt 2 continued from attempt 1's checkpoint
+    assert summary["steps"] == 1860            # and still did the whole run: 30 x ceil(4000 / 64)
+    assert summary["test_accuracy"] >= 0.90
+    assert re.search(r"worker 1: step \d+/1860", out)  # live progress, scraped from worker 1's metrics
+
+
+def test_ctrl_c_stops_training_leaves_no_process_and_resume_continues(tmp_path):
+    name = unique_name("ctrlc-train")
+    workdir = tmp_path / "run"
+    args = ["run", str(EXAMPLES / "mnist-cpu.yaml"), "--workdir", str(workdir),
+            "--set", f"metadata.name={name}", "--set", "spec.checkpoint.everySteps=20"]
+    proc = start_leap(*args)
+    try:
+        wait_for(lambda: (workdir / "checkpoints" / "latest.pt").exists(), 180, "the first checkpoint", proc)
+        trainers = [cmd for _, cmd in processes_of_run(name) if "leap-train" in cmd]
+        assert trainers, "no leap-train process while training"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
+        assert processes_of_run(name) == []
+        assert "stopped by SIGINT" in err and "--resume" in err
+
+        resumed = leap(*args, "--resume")
+    finally:
+        proc.kill()
+        kill_run(name)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["resumed_from_step"] >= 20
+    assert summary["test_accuracy"] >= 0.90
