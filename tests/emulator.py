@@ -274,7 +274,8 @@ class OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.emulator.kubeconfig(self.tmp / "kubeconfig")),
                "PYTHONUNBUFFERED": "1"}
         env.pop("KUBERNETES_SERVICE_HOST", None)
-        cmd = [sys.executable, "-m", "leap_operator.cli", "operator", "--standalone",
+        cmd = [sys.executable, "-m", "leap_operator.cli", "operator",
+               *(() if "--peering" in self.extra else ("--standalone",)),
                "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
                "--restart-backoff", "0.2", "--progress-interval", "0.3", "--verbose", *self.extra]
         for ns in self.namespaces:

@@ -4,19 +4,27 @@ Workers here run small custom commands (spec.command), so these tests need no ML
 stay fast; tests/test_local_run_training.py runs the real trainer. Helpers shared with it live
 at the top of this module.
 """
+
 from __future__ import annotations
 
+import json
 import os
+import pty
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "manifests" / "examples"
-LEAP = [str(Path(sys.executable).with_name("leap"))]
+# The installed console script, as a user runs it (python -m when this Python has none beside it).
+LEAP = ([str(Path(sys.executable).with_name("leap"))] if Path(sys.executable).with_name("leap").exists()
+        else [sys.executable, "-m", "leap_operator.cli"])
 
 
 def unique_name(prefix: str) -> str:
@@ -74,12 +82,6 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
-
-import json
-import textwrap
-
-import pytest
-import yaml
 
 
 def write_run(tmp_path: Path, name: str, script: str, *, workers: int = 1, backoff_limit: int = 0,
@@ -265,3 +267,54 @@ def test_workers_do_not_outlive_a_killed_leap_run(tmp_path):
         wait_for(lambda: processes_of_run(name) == [], 10, "the workers to exit with their parent")
     finally:
         kill_run(name)
+
+
+def test_secret_env_needs_the_shell_to_provide_it(tmp_path):
+    name = unique_name("secret")
+    token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    path = write_run(tmp_path, name, PRINT_ENV, env=[token])
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
+
+    missing = leap("run", str(path), "--workdir", str(tmp_path / "missing"), env=env)
+    assert missing.returncode == 1
+    assert "env HF_TOKEN: comes from Secret 'hf' key 'token'" in missing.stderr
+    assert "export HF_TOKEN=" in missing.stderr
+    assert not (tmp_path / "missing").exists()
+
+    given = leap("run", str(path), "--workdir", str(tmp_path / "given"), env={**env, "HF_TOKEN": "s3cret"})
+    assert given.returncode == 0, given.stderr
+    assert worker_envs(tmp_path / "given")[0]["HF_TOKEN"] == "s3cret"
+
+
+def test_a_directory_leap_run_did_not_make_is_never_cleared(tmp_path):
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("years of work")
+    path = write_run(tmp_path, unique_name("dir"), PRINT_ENV)
+    done = leap("run", str(path), "--workdir", str(precious))
+    assert done.returncode == 1
+    assert "is not empty and was not made by `leap run`" in done.stderr
+    assert [p.name for p in precious.iterdir()] == ["chapter1.tex"]
+
+
+def test_on_a_terminal_progress_is_a_live_table(tmp_path):
+    path = write_run(tmp_path, unique_name("tty"), "import time; time.sleep(2)", workers=2)
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen(LEAP + ["run", str(path), "--workdir", str(tmp_path / "run")], cwd=ROOT,
+                            stdin=terminal, stdout=terminal, stderr=terminal, env={**os.environ, "COLUMNS": "120"})
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # the terminal closed: leap run exited
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(controller)
+    assert proc.wait(timeout=60) == 0
+    text = screen.decode(errors="replace")
+    assert "\x1b[" in text  # redrawn in place with terminal control sequences
+    assert "attempt 1/1" in text and "samples/s" in text and "ETA" in text  # the table's title and header
+    assert "done" in text  # each worker's state

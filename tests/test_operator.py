@@ -19,7 +19,7 @@ from leap_trainer.metrics import TrainingMetrics
 
 pytestmark = pytest.mark.timeout(180)
 
-SHARED_NAMESPACES = ["life", "fail", "bad", "policy"]
+SHARED_NAMESPACES = ["life", "fail", "bad", "policy", "deadline"]
 
 
 def gpu_run(name: str, namespace: str, **spec) -> dict:
@@ -253,3 +253,16 @@ def test_suspend_resume_then_ttl_deletes_the_run_and_its_children(k8s, operator)
     wait_for(lambda: k8s.jobs(ns, "pausable") == [] and k8s.get("v1/services", ns, "pausable") is None,
              message="children deleted")
     assert job["metadata"]["name"] == "pausable-a1"
+
+
+def test_active_deadline_fails_the_run_and_removes_its_job(k8s, operator):
+    ns = "deadline"
+    k8s.create_run(gpu_run("slow", ns, runPolicy={"activeDeadlineSeconds": 1}))
+    job = wait_for(lambda: k8s.get("batch/v1/jobs", ns, "slow-a1"), message="Job slow-a1")
+    assert job["spec"]["activeDeadlineSeconds"] == 1
+    k8s.set_job_status(ns, "slow-a1", {"active": 2})  # the Job controller would fail it too; here it does not
+    run = wait_for(lambda: phase(k8s, ns, "slow") == "Failed" and k8s.run(ns, "slow"), timeout=30,
+                   message="Failed by the deadline")
+    assert run["status"]["reason"] == "DeadlineExceeded" and run["status"]["restarts"] == 0
+    assert condition(run, "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(lambda: k8s.jobs(ns, "slow") == [], message="the Job deleted: no pods keep their GPUs")

@@ -151,6 +151,9 @@ def test_invalid_run_is_failed_with_valid_false_and_no_action():
 def test_status_patch_only_changes():
     assert status.status_patch({"phase": "Running", "progress": {"step": 1}}, {"phase": "Running"}) is None
     assert status.status_patch({"phase": "Pending"}, {"phase": "Running"}) == {"phase": "Running"}
+    # Maps are merged by a merge patch: keys that went away are deleted explicitly.
+    assert status.status_patch({"workers": {"active": 2, "ready": 2}}, {"workers": {"active": 0}}) == {
+        "workers": {"active": 0, "ready": None}}
 
 
 def metrics_text(rank: str = "0", **values) -> str:

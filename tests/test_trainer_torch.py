@@ -148,6 +148,19 @@ def test_two_process_ddp_trains_with_world_size_2_and_both_ranks_export_metrics(
     assert summary["test_accuracy"] > 0.5  # synthetic data is learnable: well above 10% chance
 
 
+def test_launcher_stops_the_other_process_and_fails_when_one_process_fails(tmp_path):
+    port = free_port_pair()
+    with socket.socket() as blocker:  # local rank 1's metrics port is taken: that rank fails at start
+        blocker.bind(("0.0.0.0", port + 1))
+        blocker.listen()
+        result = run_cli("--dataset", "synthetic", "--samples", "20000", "--epochs", "50", "--metrics-port", str(port),
+                         "--summary", str(tmp_path / "summary.json"),
+                         env=clean_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())), timeout=120)
+    assert result.returncode != 0
+    assert "--metrics-port" in result.stderr and "stopping the others" in result.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
 def test_ranks_get_disjoint_shards_that_cover_the_data_and_reshuffle_each_epoch():
     size, world = 1000, 4
     order = epoch_order(size, seed=7, epoch=0, device=torch.device("cpu"))

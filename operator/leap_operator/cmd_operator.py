@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def make_settings(args: argparse.Namespace):
     import kopf
 
+    from leap_operator.handlers import FINALIZER
+
     settings = kopf.OperatorSettings()
     # Only the events the operator posts on purpose (one per transition); no log-line events.
     settings.posting.enabled = True
@@ -60,7 +62,7 @@ def make_settings(args: argparse.Namespace):
     settings.batching.exit_timeout = 2.0
     settings.execution.max_workers = args.workers
     # Our finalizer and kopf's bookkeeping under leap.dev, nothing in status.
-    settings.persistence.finalizer = f"leap.dev/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="leap.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="leap.dev")
     settings.watching.server_timeout = 300

@@ -156,7 +156,7 @@ class Controller:
                     kopf.event(raw, type="Normal", reason="JobCreated",
                                message=f"created Job {child['metadata']['name']} (attempt {new_attempt})")
             requeue = 0.0  # look again right away with the Job in hand
-        elif action == "stop" and current is not None:
+        elif action == "stop" and current is not None and current_name not in state.deleted:
             await self._delete_job(namespace, current_name, state, logger)
         elif action in ("suspend", "resume") and current is not None:
             await self.kube.patch("batch/v1", "jobs", namespace, current_name,
@@ -302,14 +302,25 @@ def setup(registry: kopf.OperatorRegistry, controller: Controller) -> Controller
                 state.errors += 1
                 delay = min(60.0, cfg.error_backoff * 2 ** (state.errors - 1))
                 logger.warning("reconcile failed (retry in %.1fs): %r", delay, exc)
+                if state.errors == 1:  # one Event per streak of failures, not one per retry
+                    kopf.event(plain(body), type="Warning", reason="ReconcileError",
+                               message=f"{exc} (retrying with backoff)"[:1024])
             opmetrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
             await _sleep(state.wake, stopped, delay)
 
     @kopf.on.delete(*RUNS, registry=registry)
-    async def run_deleted(namespace: str, name: str, logger: logging.Logger, jobs_by_run: Any, **_: Any) -> None:
-        """Delete the run's children (the API server's GC would too; this does not wait for it)."""
-        for job in list(jobs_by_run.get((namespace, name), [])):
-            await controller.kube.delete("batch/v1", "jobs", namespace, job["metadata"]["name"])
+    async def run_deleted(namespace: str, name: str, status: Any, logger: logging.Logger, jobs_by_run: Any,
+                          **_: Any) -> None:
+        """Delete the run's children (the API server's GC would too; this does not wait for it).
+
+        kopf stops the run's loop before this runs; a Job that loop created a moment ago may not
+        be in the index yet, so the Job names of this run's attempts are deleted by name too."""
+        state = controller.runs.get((namespace, name)) or RunState()
+        attempt = max(int((state.status or {}).get("attempt") or 0), int((status or {}).get("attempt") or 1))
+        job_names = {job["metadata"]["name"] for job in jobs_by_run.get((namespace, name), [])}
+        job_names |= set(state.created) | {render.job_name(name, a) for a in range(1, attempt + 1)}
+        for job_name in sorted(job_names):
+            await controller.kube.delete("batch/v1", "jobs", namespace, job_name)
         await controller.kube.delete("v1", "services", namespace, render.service_name(name))
         controller.runs.pop((namespace, name), None)
         opmetrics.set_phase((namespace, name), None)

@@ -105,7 +105,8 @@ class Kube:
                         payload = {}
                     if status < 400:
                         return payload
-                    opmetrics.API_ERRORS.labels(verb, resource).inc()
+                    if status != 404:  # "not found" is an answer (get/delete of what is gone)
+                        opmetrics.API_ERRORS.labels(verb, resource).inc()
                     payload = payload if isinstance(payload, dict) else {}
                     error = KubeError(status, str(payload.get("message", "")), str(payload.get("reason", "")))
                     if status not in RETRIABLE or (status == 409 and not retry_conflicts) or attempt == self.retries:

@@ -37,17 +37,16 @@ for _phase in api.PHASES:
 
 
 def set_phase(key: tuple[str, str], phase: str | None) -> None:
-    """Record a run's phase (None: the run is gone) and refresh the runs-by-phase gauge."""
+    """Record a run's phase (None: the run is gone) and update the runs-by-phase gauge."""
     with _lock:
-        if phase is None:
-            _phases.pop(key, None)
-        else:
+        before = _phases.pop(key, None) if phase is None else _phases.get(key)
+        if before == phase:
+            return
+        if phase is not None:
             _phases[key] = phase
-        counts = {p: 0 for p in api.PHASES}
-        for value in _phases.values():
-            counts[value] = counts.get(value, 0) + 1
-        for p, n in counts.items():
-            RUNS.labels(p).set(n)
+            RUNS.labels(phase).inc()
+        if before is not None:
+            RUNS.labels(before).dec()
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

@@ -345,6 +345,10 @@ def status_patch(old: dict, new: dict) -> dict | None:
         if key == "progress":
             continue
         if old.get(key) != value:
+            before = old.get(key)
+            if isinstance(value, dict) and isinstance(before, dict):
+                # A merge patch merges maps: drop the keys the new value no longer has.
+                value = {**{k: None for k in before if k not in value}, **value}
             patch[key] = value
     for key in old:
         if key not in new and key != "progress" and old.get(key) is not None:

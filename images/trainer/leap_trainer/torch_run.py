@@ -104,7 +104,12 @@ class Run:
             accelerator=env.get(c.ENV_ACCELERATOR) or ("nvidia-gpu" if self.device.type == "cuda" else "cpu"),
             port=port, flops_per_sample=training_flops_per_sample(layers_of(model)), peak_flops=self.peak,
             total_steps=total_steps, initial_step=initial_step)
-        metrics.start_server()
+        try:
+            metrics.start_server()
+        except OSError as error:
+            raise SystemExit(f"leap-train: cannot serve metrics on port {port} (rank {self.layout.rank}, "
+                             f"--metrics-port + local rank {self.layout.local_rank}): {error}; "
+                             f"choose another --metrics-port (or {c.ENV_METRICS_PORT})") from None
         if port:
             self.log(f"metrics on :{port}/metrics (rank {self.layout.rank})")
         return metrics

@@ -170,16 +170,21 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
     window_steps = 0
     started = window_start = time.perf_counter()
 
-    def flush() -> None:
-        """Close the reporting window: the only place the loop waits for the device."""
+    def flush(warmup: bool = False) -> None:
+        """Close the reporting window: the only place the loop waits for the device.
+
+        A warm-up window (the first step: torch.compile, lazy init, allocator) goes to the
+        metrics as it happened but is left out of the throughput this function returns.
+        """
         nonlocal window_steps, window_start, train_seconds, last_loss, samples
         if window_steps == 0:
             return
         last_loss = (loss_sum / window_steps).item()
         now = time.perf_counter()
         seconds = now - window_start
-        train_seconds += seconds
-        samples += window_steps * batch_size
+        if not warmup:
+            train_seconds += seconds
+            samples += window_steps * batch_size
         if metrics is not None:
             metrics.report(steps=window_steps, samples=window_steps * batch_size, seconds=seconds, loss=last_loss)
             if device.type == "cuda":
@@ -212,6 +217,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
                 flush()
                 save_checkpoint(step, epoch)
                 window_start = time.perf_counter()  # checkpoint I/O is not training time
+            elif step == start_step + 1:
+                flush(warmup=True)
             elif time.perf_counter() - window_start >= report_seconds:
                 flush()
         flush()

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from leap_operator import api, names
 from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_documents
 from leap_operator.local import devices
-from leap_operator.local.display import RunInfo, make_display, percent, summary_table
+from leap_operator.local.display import RunInfo, make_display, other_accuracies, percent, summary_table
 from leap_operator.local.overrides import OverrideError, apply_overrides, origin_of
 from leap_operator.local.plan import WorkerPlan, build_plans
 from leap_operator.local.podenv import EnvError
@@ -132,32 +132,30 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
                                 int(spec["accelerator"].get("count") or 1), workers, args.allow_cpu)
     except devices.AcceleratorUnavailable as exc:
         raise RunError(str(exc)) from None
-    try:
-        run_dir = prepare(args.workdir or Path("runs") / name, name, resume=args.resume)
-    except RunDirError as exc:
-        raise RunError(str(exc)) from None
+    run_dir = RunDir((args.workdir or Path("runs") / name).resolve())
 
     def plans_for(attempt: int) -> list[WorkerPlan]:
         job = next(c for c in render_children(doc, attempt) if c["kind"] == "Job")
         return build_plans(run_obj, job, attempt, run_dir, device, PortPicker())
 
     try:
-        first = plans_for(1)  # env problems (e.g. a Secret) surface before anything starts
-    except EnvError as exc:
+        first = plans_for(1)  # env problems (e.g. a Secret) surface before anything is created
+        prepare(run_dir.path, name, resume=args.resume)
+    except (EnvError, RunDirError) as exc:
         raise RunError(str(exc)) from None
 
     workload = spec.get("workload") or {}
     what = (f"{workload['kind']} {workload['model']} on {workload['dataset']}" if workload
             else "command " + " ".join(spec["command"]))
-    out.print(f"leap run: [bold]{name}[/] ({spec['framework']}, {what}, {workers} worker{'s' if workers > 1 else ''}"
+    out.print(f"leap run: [bold]{escape(name)}[/] ({spec['framework']}, {what}, {workers} worker{'s' if workers > 1 else ''}"
               + (f" x {procs} processes" if procs > 1 else "") + f") on {device.used}")
     if device.note:
         out.print(f"note: {device.note}")
     if (spec.get("scheduling") or {}).get("queueName"):
         out.print("note: spec.scheduling.queueName is for the cluster's Kueue; a local run starts at once")
     if args.resume and has_checkpoint(run_dir):
-        out.print(f"resuming from the checkpoints in {run_dir.checkpoints}")
-    out.print(f"run directory: {run_dir.path}")
+        out.print(f"resuming from the checkpoints in {run_dir.checkpoints}", markup=False)
+    out.print(f"run directory: {run_dir.path}", markup=False)
 
     info = RunInfo(name=name, framework=spec["framework"], workers=workers, procs_per_worker=procs,
                    device=device.used, epochs=workload.get("epochs"),
@@ -191,11 +189,14 @@ def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, ou
         return outcome.exit_code
     summary = _final_summary(run_dir, outcome, name, total)
     if summary is None:
-        out.print(f"{name} succeeded in {total:.1f}s ({outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}); "
+        out.print(f"{escape(name)} succeeded in {total:.1f}s ({outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}); "
                   "the workers wrote no summary (a custom command need not)")
         return 0
     out.print(summary_table(summary, attempts=outcome.attempts, total_seconds=total))
     accuracy = summary.get("test_accuracy")
     tail = f"test accuracy {percent(accuracy)}" if accuracy is not None else "no test accuracy reported"
-    out.print(f"[bold green]{name} succeeded[/]: [bold]{tail}[/] (summary: {run_dir.summary})", soft_wrap=True)
+    others = other_accuracies(summary)
+    if others:
+        tail += " (" + ", ".join(f"{label} {percent(value)}" for label, value in others) + ")"
+    out.print(f"[bold green]{escape(name)} succeeded[/]: [bold]{tail}[/] (summary: {escape(str(run_dir.summary))})")
     return 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -81,10 +82,10 @@ class BaseDisplay:
         self.monitor.reset()
         self.note(f"attempt {attempt}/{self.info.max_attempts}: started "
                   + ", ".join(f"worker {w.index} (pid {w.pid})" for w in workers)
-                  + f"; logs in {workers[0].plan.log_path.parent}")
+                  + f"; logs in {escape(str(workers[0].plan.log_path.parent))}")
 
     def attempt_failed(self, attempt: int, message: str, log_tail: str, retry_in: float | None) -> None:
-        self.note(f"[bold red]{message}[/]")
+        self.note(f"[bold red]{escape(message)}[/]")
         if log_tail:
             self.console.print(Text("  | " + log_tail.replace("\n", "\n  | "), style="dim"))
         if retry_in is not None:
@@ -122,7 +123,7 @@ class PlainDisplay(BaseDisplay):
             # The first report at once (training has begun), then every few seconds.
             if now - self._printed.get(index, -1e9) >= self.every:
                 self._printed[index] = now
-                self.note(progress_line(f"  worker {index}", progress, self.info.epochs))
+                self.note(escape(progress_line(f"  worker {index}", progress, self.info.epochs)))
 
 
 class LiveDisplay(BaseDisplay):
@@ -143,7 +144,7 @@ class LiveDisplay(BaseDisplay):
 
     def render(self):
         info = self.info
-        title = (f"[bold]{info.name}[/]  attempt {self.attempt}/{info.max_attempts}  "
+        title = (f"[bold]{escape(info.name)}[/]  attempt {self.attempt}/{info.max_attempts}  "
                  f"{info.framework} on {info.device}, {info.workers} worker{'s' if info.workers > 1 else ''}"
                  + (f" x {info.procs_per_worker} processes" if info.procs_per_worker > 1 else ""))
         table = Table(box=None, pad_edge=False, header_style="bold")
@@ -192,6 +193,13 @@ _ROWS = (
 )
 
 
+def other_accuracies(summary: dict) -> list[tuple[str, float]]:
+    """Accuracies besides the headline one: distillation's student_alone_accuracy and
+    teacher_accuracy, and whatever other *_accuracy a workload reports."""
+    return [(key.replace("_", " "), value) for key, value in summary.items()
+            if key != "test_accuracy" and key.endswith("accuracy") and isinstance(value, (int, float))]
+
+
 def summary_table(summary: dict, *, attempts: int, total_seconds: float) -> Table:
     table = Table(title="Summary", show_header=False, title_justify="left", title_style="bold")
     table.add_column("what")
@@ -202,12 +210,9 @@ def summary_table(summary: dict, *, attempts: int, total_seconds: float) -> Tabl
             table.add_row(label, text)
         elif key == "mfu":
             table.add_row(label, "n/a (no known peak FLOP/s for this device)")
-    # Distillation and other workloads add their own accuracies (teacher, student alone, ...).
-    for key, value in summary.items():
-        if key != "test_accuracy" and key.endswith("accuracy") and isinstance(value, (int, float)):
-            table.add_row(key.replace("_", " "), percent(value))
-        elif isinstance(value, dict) and isinstance(value.get("test_accuracy"), (int, float)):
-            table.add_row(f"{key.replace('_', ' ')} test accuracy", percent(value["test_accuracy"]))
+        if key == "test_accuracy":
+            for other_label, value in other_accuracies(summary):
+                table.add_row(other_label, percent(value))
     table.add_row("attempts", str(attempts))
     table.add_row("total time", f"{total_seconds:.1f}s")
     return table

@@ -117,8 +117,10 @@ def apply_override(doc: dict, override: Override) -> dict:
 
 
 def apply_overrides(doc: Any, raws: list[str]) -> tuple[dict, list[Override]]:
+    if not raws:
+        return doc, []
     if not isinstance(doc, dict):
-        raise OverrideError("--set needs a TrainingRun mapping to apply to")
+        raise OverrideError(f"--set {raws[0]}: the file's document is not a mapping, so it has no fields to set")
     overrides = [parse_override(raw) for raw in raws]
     for override in overrides:
         doc = apply_override(doc, override)

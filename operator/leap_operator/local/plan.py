@@ -35,8 +35,7 @@ _POD_ONLY = {value for name, value in vars(contract).items() if name.startswith(
 class WorkerPlan:
     index: int
     argv: list[str]
-    env: dict[str, str]            # the full process environment
-    pod_env: dict[str, str]        # the pod's env after local substitution
+    env: dict[str, str]            # the full process environment: this shell's, then the pod's
     metrics_ports: list[int]       # one per local process (local rank)
     log_path: Path
     pid_path: Path
@@ -136,7 +135,7 @@ def build_plans(run: dict, job: dict, attempt: int, run_dir: RunDir, device: Dev
             command = local_trainer() + command[1:]
         argv = expand_all(command + list(container.get("args") or []), env)
         plans.append(WorkerPlan(
-            index=index, argv=argv, env=env, pod_env=pod_env,
+            index=index, argv=argv, env=env,
             metrics_ports=[metrics_bases[index] + r for r in range(procs)],
             log_path=run_dir.log(attempt, index), pid_path=run_dir.pid_file(attempt, index),
             summary_path=run_dir.worker_summary(attempt, index)))
