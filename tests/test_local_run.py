@@ -318,3 +318,14 @@ def test_on_a_terminal_progress_is_a_live_table(tmp_path):
     assert "\x1b[" in text  # redrawn in place with terminal control sequences
     assert "attempt 1/1" in text and "samples/s" in text and "ETA" in text  # the table's title and header
     assert "done" in text  # each worker's state
+
+
+def test_active_deadline_stops_the_run(tmp_path):
+    name = unique_name("deadline")
+    path = write_run(tmp_path, name, "import time; time.sleep(120)", workers=2,
+                     backoff_limit=3)
+    done = leap("run", str(path), "--workdir", str(tmp_path / "run"), "--set", "spec.runPolicy.activeDeadlineSeconds=1")
+    assert done.returncode == 1
+    assert "failed (DeadlineExceeded): runPolicy.activeDeadlineSeconds (1s) passed" in done.stderr
+    assert "attempt 2" not in done.stdout  # a deadline is final: no restart
+    assert processes_of_run(name) == []

@@ -248,6 +248,7 @@ class Run:
             "mfu": flops_per_second / peak_total if peak_total else None, "precision": self.dtype,
             "device": self.name, "world_size": self.layout.world_size,
             "resumed_from_step": result.start_step, "final_loss": result.loss,
+            "run": os.environ.get(c.ENV_RUN) or "local", "attempt": _attempt(),
         }
 
 
@@ -255,3 +256,8 @@ def _saved_step(latest: Path | None) -> int:
     state = ckpt.load(latest) if latest is not None else None
     return state["step"] if state else 0
 
+
+def _attempt() -> int:
+    from .distributed import env_int
+
+    return env_int(os.environ, c.ENV_ATTEMPT, 1)

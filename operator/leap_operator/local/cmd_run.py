@@ -159,7 +159,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     info = RunInfo(name=name, framework=spec["framework"], workers=workers, procs_per_worker=procs,
                    device=device.used, epochs=workload.get("epochs"),
-                   max_attempts=spec["runPolicy"]["backoffLimit"] + 1, run_dir=str(run_dir.path))
+                   max_attempts=spec["runPolicy"]["backoffLimit"] + 1)
     display = make_display(out, info, ProgressMonitor(), live=out.is_terminal and not args.plain)
     stop = StopFlag()
     previous = stop.install()

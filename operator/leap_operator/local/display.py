@@ -44,7 +44,6 @@ class RunInfo:
     device: str                  # what the workers run on
     epochs: int | None
     max_attempts: int
-    run_dir: str
 
 
 def progress_line(label: str, p: dict, epochs: int | None) -> str:
