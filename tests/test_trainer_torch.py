@@ -109,10 +109,13 @@ def test_distillation_reports_teacher_student_and_student_alone(tmp_path):
     for key in ("test_accuracy", "teacher_accuracy", "student_alone_accuracy"):
         assert 0.8 <= summary[key] <= 1.0, (key, summary[key])
     assert (ckpt / "teacher.pt").exists()
-    # A restart reuses the trained teacher instead of training it again.
-    rerun = run_cli("--workload", "distillation", "--epochs", "3", "--checkpoint-dir", str(ckpt))
+    # A restart (configured like a pod: the directory from LEAP_CHECKPOINT_DIR) reuses the trained
+    # teacher instead of training it again, and the summary defaults to <checkpoint dir>/summary.json.
+    rerun = run_cli("--workload", "distillation", "--epochs", "3",
+                    env=clean_env(**{contract.ENV_CHECKPOINT_DIR: str(ckpt)}))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "teacher loaded" in rerun.stdout
+    assert json.loads((ckpt / "summary.json").read_text())["teacher_accuracy"] == summary["teacher_accuracy"]
 
 
 def test_two_process_ddp_trains_with_world_size_2_and_both_ranks_export_metrics(tmp_path):
