@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+import aiohttp.web
 import kmock
 
 from leap_operator import crd, names
@@ -58,6 +59,36 @@ def _patch_kmock_namespaces_path() -> None:
 
 
 _patch_kmock_namespaces_path()
+
+
+def _patch_kmock_membership() -> None:
+    """kmock decides whether a reaction applies to a request by iterating every request its view
+    ever saw (`request in view`), for each reaction including its built-in fallbacks, so each
+    request costs O(requests so far): quadratic, minutes at the scale benchmark's 10^4 requests.
+    For the views that are plain filters over the root, membership is decidable from the request
+    alone: it reached the root, and the criteria accept it. Slices and groups keep kmock's way."""
+    from kmock._internal import dsl, rendering
+
+    original = dsl.View.__contains__
+    if getattr(original, "_leap_patched", False):
+        return
+
+    def contains(view: Any, item: Any) -> bool:
+        if not isinstance(item, rendering.Request):
+            return original(view, item)
+        if isinstance(view, dsl.Root):
+            return any(request is item for request in reversed(view._requests))  # it is the newest
+        if type(view) is dsl.Filter:
+            return bool(view.criteria(item)) and contains(view._source, item)
+        if type(view) is dsl.Priority:
+            return contains(view._source, item)
+        return original(view, item)
+
+    contains._leap_patched = True  # type: ignore[attr-defined]
+    dsl.View.__contains__ = contains
+
+
+_patch_kmock_membership()
 
 RESOURCES = {
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(kind="CustomResourceDefinition", namespaced=False),
@@ -96,14 +127,49 @@ def api_path(resource: str, namespace: str | None = None, name: str | None = Non
 
 
 class _Emulator(kmock.KubernetesEmulator):
-    """KubernetesEmulator plus metadata.generateName (kopf names its Events that way)."""
+    """KubernetesEmulator plus metadata.generateName (kopf names its Events that way), lookups of
+    one object by its key (kmock scans every stored object for each fetch, create, patch and
+    delete answer, which dominates at thousands of objects), and an observer that sees every
+    answered request with the time it was answered (the scale benchmark's probe)."""
+
+    observer: Callable[[Any, Any, float], None] | None = None  # (request, response, monotonic time)
+    # kmock's own reactions answer after the emulator stored a write (a lost answer); a refusal
+    # answers with an error status before anything is stored (a write that did not happen).
+    refusals: tuple[Callable[[Any], int | None], ...] = ()
 
     async def _handle(self, request):  # type: ignore[override]
+        for refusal in self.refusals:
+            code = refusal(request)
+            if code:
+                return aiohttp.web.json_response({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                                                  "code": code, "message": "refused by the test"}, status=code)
         data = request.data if request.action == kmock.action.CREATE else None
         meta = data.get("metadata") if isinstance(data, dict) else None
         if isinstance(meta, dict) and not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-        return await super()._handle(request)
+        response = await super()._handle(request)
+        if self.observer is not None:
+            self.observer(request, response, time.monotonic())
+        return response
+
+    def _stored(self, request, *, name: str | None = None, namespace: str | None = None):
+        key = (request.resource, request.namespace or namespace, request.name or name)
+        return self.objects._objects.get(key)
+
+    async def _serve_fetch(self, request):  # type: ignore[override]
+        obj = self._stored(request)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_create(self, request):  # type: ignore[override]
+        meta = (request.data or {}).get("metadata") or {}
+        return self._stored(request, name=meta.get("name"), namespace=meta.get("namespace")).raw
+
+    async def _serve_update(self, request):  # type: ignore[override]
+        return self._stored(request).last.raw
+
+    _serve_delete = _serve_update
 
 
 class Emulator:
@@ -141,10 +207,32 @@ class Emulator:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
 
-    def kubeconfig(self, path: Path) -> Path:
+    def call(self, fn: Callable[[_Emulator], Any]) -> Any:
+        """Run fn(kmock) on the emulator's loop (kmock is not thread-safe), e.g. to add a reaction:
+        `k8s.call(lambda km: km["post /apis/batch/v1/namespaces/ns/jobs"][:2] << 503)`."""
+        async def on_loop() -> Any:
+            result = fn(self.kmock)
+            return await result if asyncio.iscoroutine(result) else result
+        return asyncio.run_coroutine_threadsafe(on_loop(), self.loop).result(10)
+
+    def refuse(self, method: str, path: str, code: int, while_set: threading.Event) -> None:
+        """Answer `method` requests on `path` with `code`, storing nothing, while `while_set` is set."""
+        def refusal(request: Any) -> int | None:
+            same = str(getattr(request.method, "value", request.method)).upper() == method.upper()
+            return code if same and request.url.path == path and while_set.is_set() else None
+        self.call(lambda km: setattr(km, "refusals", (*km.refusals, refusal)))
+
+    def requests(self, method: str, path_suffix: str) -> list:
+        """The requests the emulator answered for `method` on paths ending in path_suffix."""
+        def matching(km: _Emulator) -> list:
+            return [r for r in km if str(getattr(r.method, "value", r.method)).upper() == method.upper()
+                    and r.url.path.endswith(path_suffix)]
+        return self.call(matching)
+
+    def kubeconfig(self, path: Path, server: str | None = None) -> Path:
         path.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "emulator", "cluster": {"server": server or self.url}}],
             "users": [{"name": "emulator", "user": {"token": "test"}}],
             "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator"}}],
         }))
@@ -236,12 +324,63 @@ class Emulator:
 
     def writes(self, method: str, path_suffix: str) -> int:
         """How many `method` requests the emulator received for paths ending in path_suffix."""
-        return sum(1 for r in list(self.kmock) if str(r.method.value if hasattr(r.method, "value") else r.method).upper()
-                   == method.upper() and r.url.path.endswith(path_suffix))
+        return len(self.requests(method, path_suffix))
 
     def events(self, namespace: str, name: str) -> list[dict]:
         return [e for e in self.list("v1/events", namespace)
                 if (e.get("involvedObject") or {}).get("name") == name]
+
+
+class Proxy:
+    """A TCP proxy in front of the emulator, on the emulator's loop, that can cut the network:
+    down() resets every open connection (watch streams included) and refuses new ones until
+    up(). The test itself keeps talking to the emulator directly."""
+
+    def __init__(self, emulator: Emulator):
+        self.emulator = emulator
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: asyncio.AbstractServer | None = None
+        self._transports: set[asyncio.BaseTransport] = set()
+
+    def up(self) -> "Proxy":
+        async def start() -> None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, reuse_address=True)
+        self.emulator.call(lambda _: start())
+        return self
+
+    def down(self) -> None:
+        async def stop() -> None:
+            if self._server is not None:
+                self._server.close()
+                await self._server.wait_closed()
+                self._server = None
+            for transport in list(self._transports):
+                transport.abort()  # a reset, as when a load balancer or the API server goes away
+            self._transports.clear()
+        self.emulator.call(lambda _: stop())
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream = self.emulator.url.rsplit(":", 1)[1]
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", int(upstream))
+        except OSError:
+            writer.transport.abort()
+            return
+        self._transports |= {writer.transport, up_writer.transport}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self._transports -= {writer.transport, up_writer.transport}
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05,
@@ -263,21 +402,26 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
 class OperatorProcess:
     """The real operator, `leap operator`, as a child process pointed at the emulator."""
 
-    def __init__(self, emulator: Emulator, tmp: Path, namespaces: list[str], *extra: str):
+    def __init__(self, emulator: Emulator, tmp: Path, namespaces: list[str], *extra: str, server: str | None = None,
+                 verbose: bool = True):
         self.emulator, self.tmp, self.namespaces, self.extra = emulator, tmp, namespaces, extra
+        self.server = server  # the API URL it talks to (default: the emulator's; a Proxy's, say)
+        self.verbose = verbose  # debug logs for the tests' post-mortems; off to measure
         self.proc: subprocess.Popen | None = None
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.log = tmp / f"operator-{time.monotonic_ns()}.log"
 
     def start(self) -> "OperatorProcess":
-        env = {**os.environ, "KUBECONFIG": str(self.emulator.kubeconfig(self.tmp / "kubeconfig")),
+        kubeconfig = self.emulator.kubeconfig(self.tmp / f"kubeconfig-{self.metrics_port}", self.server)
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig),
                "PYTHONUNBUFFERED": "1"}
         env.pop("KUBERNETES_SERVICE_HOST", None)
         cmd = [sys.executable, "-m", "leap_operator.cli", "operator",
                *(() if "--peering" in self.extra else ("--standalone",)),
                "--metrics-port", str(self.metrics_port), "--liveness-port", str(self.liveness_port),
-               "--restart-backoff", "0.2", "--progress-interval", "0.3", "--verbose", *self.extra]
+               "--restart-backoff", "0.2", "--progress-interval", "0.3", *(("--verbose",) if self.verbose else ()),
+               *self.extra]
         for ns in self.namespaces:
             cmd += ["--namespace", ns]
         self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)

@@ -9,8 +9,14 @@ Shape of the controller (level-triggered, one reconcile loop per run):
   -> carry out the decision. It sleeps until woken by an event of the run or of its Jobs/Pods,
   or until the next deadline (backoff, activeDeadlineSeconds, TTL).
 - Event handlers on the run (update) and on Jobs/Pods map each event to its run and wake it.
-- A delete handler removes the children (the API server's GC does too, via ownerReferences).
-- A timer scrapes rank 0's /metrics while the run is Running and writes status.progress.
+- When a run is deleted, its loop removes the children before it ends (the API server's GC does
+  too, via ownerReferences). This is done in the daemon, not in an on.delete handler: kopf runs
+  daemons under its finalizer anyway, while a change handler would make kopf write its
+  last-handled-configuration annotation on every run it creates or resumes (one more write per
+  run, and a write to every run at each operator start).
+- While the run is Running, the same loop scrapes rank 0's /metrics every progress_interval and
+  writes status.progress. (Not a kopf timer: at 1,000 running runs, kopf's per-call machinery
+  for 200 timer calls a second took more CPU than all the reconciling; bench/operator_scale.py.)
 Job names are deterministic (<run>-a<attempt>) and the attempt is written to status before its
 Job is created, so neither a crash nor a retry can create two Jobs for one attempt.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,14 +154,14 @@ class Controller:
 
         action = decision.action
         if action == "create":
+            # No Event here: the next pass reports the new phase with the Job in hand (one Event,
+            # reason JobCreated), so a create costs no extra write.
             children = render.render_children(raw, new_attempt, self.config.operator)
             for child in children:
                 created = await self.kube.create(child)
                 if child["kind"] == "Job":
                     state.created[child["metadata"]["name"]] = _trim(created)
                     state.deleted.discard(child["metadata"]["name"])
-                    kopf.event(raw, type="Normal", reason="JobCreated",
-                               message=f"created Job {child['metadata']['name']} (attempt {new_attempt})")
             requeue = 0.0  # look again right away with the Job in hand
         elif action == "stop" and current is not None and current_name not in state.deleted:
             await self._delete_job(namespace, current_name, state, logger)
@@ -165,6 +172,23 @@ class Controller:
             await self.kube.delete(names.API_VERSION, names.PLURAL, namespace, name)
             return None
         return requeue
+
+    async def delete_children(self, namespace: str, name: str, status: dict, jobs_index: Any,
+                              logger: logging.Logger) -> None:
+        """The run is being deleted: remove its Jobs (pods with them) and its Service.
+
+        A Job the loop created a moment ago may not be in the index yet, so the Job names of all
+        of this run's attempts are deleted by name too (deleting what is gone is a no-op)."""
+        state = self.runs.get((namespace, name)) or RunState()
+        attempt = max(int((state.status or {}).get("attempt") or 0), int((status or {}).get("attempt") or 1))
+        job_names = {job["metadata"]["name"] for job in jobs_index.get((namespace, name), [])}
+        job_names |= set(state.created) | {render.job_name(name, a) for a in range(1, attempt + 1)}
+        for job_name in sorted(job_names):
+            await self.kube.delete("batch/v1", "jobs", namespace, job_name)
+        await self.kube.delete("v1", "services", namespace, render.service_name(name))
+        self.runs.pop((namespace, name), None)
+        opmetrics.set_phase((namespace, name), None)
+        logger.info("deleted the children of %s", name)
 
     async def _delete_job(self, namespace: str, job_name: str, state: RunState, logger: logging.Logger) -> None:
         await self.kube.delete("batch/v1", "jobs", namespace, job_name, propagation="Background")
@@ -178,13 +202,13 @@ class Controller:
         raw = plain(body)
         meta, status = raw.get("metadata") or {}, raw.get("status") or {}
         namespace, name = meta.get("namespace") or "default", meta["name"]
-        spec = defaulted(raw)["spec"]
         attempt = int(status.get("attempt") or 1)
         pod0 = next((p for p in pods_index.get((namespace, name), [])
                      if pod_attempt(p) == attempt and pod_index(p) == 0
                      and (p.get("status") or {}).get("podIP")), None)
         if pod0 is None:
             return
+        spec = defaulted(raw)["spec"]
         url = f"http://{pod0['status']['podIP']}:{spec['metrics']['port']}/metrics"
         if self._http is None or self._http.closed:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.config.scrape_timeout))
@@ -236,6 +260,8 @@ def _trim(obj: dict) -> dict:
 async def _sleep(wake: asyncio.Event, stopped: Any, timeout: float | None) -> None:
     if timeout is not None and timeout <= 0:
         return
+    if timeout == math.inf:
+        timeout = None
     waiters = [asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())]
     try:
         await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -268,68 +294,71 @@ def setup(registry: kopf.OperatorRegistry, controller: Controller) -> Controller
         if controller._http is not None:
             await controller._http.close()
 
+    # The per-event handlers are async on purpose: kopf runs sync ones on a thread pool, and that
+    # handoff cost more than their work at thousands of events a second.
     @kopf.index(*JOBS, labels=OWNED, id="jobs_by_run", registry=registry)
-    def jobs_by_run(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
+    async def jobs_by_run(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
         return {_run_key(namespace, labels): _trim(plain(body))}
 
     @kopf.index(*PODS, labels=OWNED, id="pods_by_run", registry=registry)
-    def pods_by_run(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
+    async def pods_by_run(namespace: str, labels: Any, body: Any, **_: Any) -> dict:
         return {_run_key(namespace, labels): _trim(plain(body))}
 
     @kopf.on.event(*JOBS, labels=OWNED, registry=registry)
     @kopf.on.event(*PODS, labels=OWNED, registry=registry)
-    def child_event(namespace: str, labels: Any, **_: Any) -> None:
+    async def child_event(namespace: str, labels: Any, **_: Any) -> None:
         controller.wake(*_run_key(namespace, labels))
 
     @kopf.on.event(*RUNS, registry=registry)
-    def run_event(namespace: str, name: str, **_: Any) -> None:
+    async def run_event(namespace: str, name: str, **_: Any) -> None:
         controller.wake(namespace, name)  # create, update (spec edits, suspend), status of others
 
-    @kopf.daemon(*RUNS, cancellation_timeout=10.0, backoff=1.0, registry=registry)
+    # cancellation_backoff: on deletion kopf asks the loop to stop and gives it that long before
+    # cancelling it, so the loop can remove the children (without it kopf cancels at once); the
+    # finalizer goes as soon as the loop has ended (settings.background.instant_exit_timeout).
+    @kopf.daemon(*RUNS, cancellation_backoff=5.0, cancellation_timeout=25.0, backoff=1.0, registry=registry)
     async def run_daemon(stopped: Any, body: Any, namespace: str, name: str, logger: logging.Logger,
                          jobs_by_run: Any, pods_by_run: Any, **_: Any) -> None:
-        """Create and resume: one reconcile loop per TrainingRun until it is deleted."""
+        """Create and resume: one loop per TrainingRun until it is deleted. It reconciles when
+        woken or when the last reconcile asked to look again, scrapes progress while Running,
+        and once the run is deleted removes its children (kopf keeps its finalizer until then)."""
         state = controller.state(namespace, name)
+        reconcile_at, scrape_at = 0.0, math.inf  # monotonic deadlines
         while not stopped:
-            state.wake.clear()
-            started = time.perf_counter()
-            try:
-                delay = await controller.reconcile(body, jobs_by_run, pods_by_run, logger)
-                opmetrics.RECONCILES.labels("success").inc()
-                state.errors = 0
-            except (KubeError, Exception) as exc:  # never let one run's trouble stop its loop
-                opmetrics.RECONCILES.labels("error").inc()
-                state.errors += 1
-                delay = min(60.0, cfg.error_backoff * 2 ** (state.errors - 1))
-                logger.warning("reconcile failed (retry in %.1fs): %r", delay, exc)
-                if state.errors == 1:  # one Event per streak of failures, not one per retry
-                    kopf.event(plain(body), type="Warning", reason="ReconcileError",
-                               message=f"{exc} (retrying with backoff)"[:1024])
-            opmetrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-            await _sleep(state.wake, stopped, delay)
+            now = time.monotonic()
+            if state.wake.is_set() or now >= reconcile_at:
+                state.wake.clear()
+                delay = await _reconcile_once(state, body, logger, jobs_by_run, pods_by_run)
+                reconcile_at = now + delay if delay is not None else math.inf
+            if (state.status or {}).get("phase") != "Running":
+                scrape_at = math.inf
+            elif time.monotonic() >= scrape_at or scrape_at == math.inf:
+                if scrape_at != math.inf:
+                    try:
+                        await controller.scrape(body, pods_by_run, logger)
+                    except Exception as exc:  # progress is best effort; the loop must go on
+                        logger.warning("writing progress failed: %r", exc)
+                scrape_at = time.monotonic() + cfg.progress_interval
+            await _sleep(state.wake, stopped, min(reconcile_at, scrape_at) - time.monotonic())
+        if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            await controller.delete_children(namespace, name, plain(body).get("status") or {}, jobs_by_run, logger)
 
-    @kopf.on.delete(*RUNS, registry=registry)
-    async def run_deleted(namespace: str, name: str, status: Any, logger: logging.Logger, jobs_by_run: Any,
-                          **_: Any) -> None:
-        """Delete the run's children (the API server's GC would too; this does not wait for it).
-
-        kopf stops the run's loop before this runs; a Job that loop created a moment ago may not
-        be in the index yet, so the Job names of this run's attempts are deleted by name too."""
-        state = controller.runs.get((namespace, name)) or RunState()
-        attempt = max(int((state.status or {}).get("attempt") or 0), int((status or {}).get("attempt") or 1))
-        job_names = {job["metadata"]["name"] for job in jobs_by_run.get((namespace, name), [])}
-        job_names |= set(state.created) | {render.job_name(name, a) for a in range(1, attempt + 1)}
-        for job_name in sorted(job_names):
-            await controller.kube.delete("batch/v1", "jobs", namespace, job_name)
-        await controller.kube.delete("v1", "services", namespace, render.service_name(name))
-        controller.runs.pop((namespace, name), None)
-        opmetrics.set_phase((namespace, name), None)
-        logger.info("deleted the children of %s", name)
-
-    @kopf.timer(*RUNS, interval=cfg.progress_interval, idle=None,
-                when=lambda status, **_: (status or {}).get("phase") == "Running", registry=registry)
-    async def scrape_progress(body: Any, logger: logging.Logger, pods_by_run: Any, **_: Any) -> None:
-        """While Running: rank 0's /metrics -> status.progress (written only when it changed)."""
-        await controller.scrape(body, pods_by_run, logger)
+    async def _reconcile_once(state: RunState, body: Any, logger: logging.Logger, jobs_by_run: Any,
+                              pods_by_run: Any) -> float | None:
+        started = time.perf_counter()
+        try:
+            delay = await controller.reconcile(body, jobs_by_run, pods_by_run, logger)
+            opmetrics.RECONCILES.labels("success").inc()
+            state.errors = 0
+        except (KubeError, Exception) as exc:  # never let one run's trouble stop its loop
+            opmetrics.RECONCILES.labels("error").inc()
+            state.errors += 1
+            delay = min(60.0, cfg.error_backoff * 2 ** (state.errors - 1))
+            logger.warning("reconcile failed (retry in %.1fs): %r", delay, exc)
+            if state.errors == 1:  # one Event per streak of failures, not one per retry
+                kopf.event(plain(body), type="Warning", reason="ReconcileError",
+                           message=f"{exc} (retrying with backoff)"[:1024])
+        opmetrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        return delay
 
     return controller

@@ -127,13 +127,14 @@ def pod_attempt(pod: dict) -> int | None:
 def pod_failed(pod: dict) -> str | None:
     """Why this pod counts as a failed worker (None if it does not)."""
     status = pod.get("status") or {}
+    disruption = next((c for c in status.get("conditions") or []
+                       if c.get("type") == "DisruptionTarget" and c.get("status") == "True"), None)
     if status.get("phase") == "Failed":
-        return status.get("reason") or "PodFailed"
+        return status.get("reason") or (disruption or {}).get("reason") or "PodFailed"
     if (pod.get("metadata") or {}).get("deletionTimestamp") and status.get("reason") == "Evicted":
         return "Evicted"
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "DisruptionTarget" and cond.get("status") == "True":
-            return cond.get("reason") or "DisruptionTarget"
+    if disruption is not None:  # node loss, preemption, eviction by the API: the pod is going
+        return disruption.get("reason") or "DisruptionTarget"
     return None
 
 
@@ -143,14 +144,15 @@ def attempt_failure(job: dict | None, pods: list[dict]) -> tuple[str, str] | Non
         cond = _job_condition(job, type_)
         if cond:
             return cond.get("reason") or "JobFailed", cond.get("message") or f"Job {type_}"
-    failed = int(((job or {}).get("status") or {}).get("failed") or 0)
-    if failed:
-        return "WorkerFailed", f"{failed} worker pod(s) failed"
+    # The pods say why (Evicted, DeletionByPodGC after a node loss, ...); the Job only counts.
     for pod in sorted(pods, key=lambda p: (pod_index(p) is None, pod_index(p) or 0)):
         why = pod_failed(pod)
         if why:
             name = (pod.get("metadata") or {}).get("name", "?")
             return ("Evicted" if why == "Evicted" else "WorkerFailed"), f"pod {name} failed ({why})"
+    failed = int(((job or {}).get("status") or {}).get("failed") or 0)
+    if failed:
+        return "WorkerFailed", f"{failed} worker pod(s) failed"
     return None
 
 
