@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the emulator wiring is shared with th
 from emulator import Emulator, OperatorProcess, wait_for  # noqa: E402
 
 from leap_operator import names  # noqa: E402
+from leap_trainer.devices import cpu_model  # noqa: E402
 
 SHAPES = ["mnist-cpu", "ddp-multinode-gpu", "distillation-gpu", "keras-tpu", "keras-tpu-multihost"]
 NAMESPACES = [f"bench-{i}" for i in range(10)]
@@ -265,7 +266,7 @@ def summarise(probe: Probe, runs: list[str], rss: float, live_rss: float, elapse
     errors = sum(float(v) for v in re.findall(r'^leap_operator_reconciles_total\{result="error"\} (\S+)$',
                                               metrics, re.M))
     return {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "runs": len(runs), "rate_per_second": args.rate, "wall_seconds": round(elapsed, 1),
         "create_to_children_ms": {"p50": round(percentile(create_ms, 50), 1), "p99": round(percentile(create_ms, 99), 1),
                                   "max": round(max(create_ms), 1), "n": len(create_ms)},

@@ -146,7 +146,11 @@ def live(tmp_path_factory):
             yield Live(prom=prom, at=at, started=started)
             if os.environ.get("LEAP_DASHBOARD_PNG"):
                 time.sleep(30)  # let the picture show some history
-                plot_training_dashboard(prom, started, time.time(), Path(os.environ["LEAP_DASHBOARD_PNG"]))
+                out_dir, end = Path(os.environ["LEAP_DASHBOARD_PNG"]), time.time()
+                plot_dashboard(prom, "leap-training-runs.json", started, end, out_dir / "dashboard-training-runs.png",
+                               f"Leap / Training runs: one CPU run of leap-train scraped by Prometheus ({RUN})")
+                plot_dashboard(prom, "leap-operator.json", started, end, out_dir / "dashboard-operator.png",
+                               "Leap / Operator: the operator's metrics registry (one Running and one Failed run)")
     finally:
         operator.terminate()
         operator.wait(timeout=20)
@@ -261,12 +265,13 @@ def test_alert_rules_run_in_prometheus_against_real_metrics(live):
 
 # --- optional picture for the docs -------------------------------------------------------------------
 
-def plot_training_dashboard(prom: PrometheusServer, start: float, end: float, out_dir: Path) -> None:
+def plot_dashboard(prom: PrometheusServer, file: str, start: float, end: float, out: Path, title: str) -> None:
+    """Plot a dashboard's time-series panels from their own queries against this Prometheus."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [p for p in dashboard("leap-training-runs.json")["panels"]
+    panels = [p for p in dashboard(file)["panels"]
               if p["type"] == "timeseries" and p["title"] not in MAY_BE_EMPTY]
     cols = 3
     rows = math.ceil(len(panels) / cols)
@@ -287,8 +292,8 @@ def plot_training_dashboard(prom: PrometheusServer, start: float, end: float, ou
             ax.legend(fontsize=6, loc="best")
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
-    fig.suptitle(f"Leap / Training runs: one CPU run of leap-train scraped by Prometheus ({RUN})", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "dashboard-training-runs.png", dpi=90)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -66,3 +66,11 @@ def test_quick_start_commands_exist_and_ci_runs_the_test_command():
 def test_readme_links_point_at_files_that_exist():
     for target in re.findall(r"\]\(((?:docs|bench|manifests|helm)/[^)#]+)\)", README):
         assert (ROOT / target).exists(), target
+
+
+def test_links_between_the_docs_point_at_files_that_exist():
+    docs = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "bench" / "RESULTS.md"]
+    for page in docs:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to missing {target}"

@@ -61,6 +61,7 @@ class ControllerConfig:
 class RunState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     status: dict | None = None               # the last status this operator wrote
+    phase: str | None = None                 # the phase of the last reconcile (written or not)
     created: dict[str, dict] = field(default_factory=dict)  # Jobs created, not yet seen in the index
     deleted: set[str] = field(default_factory=set)           # Jobs deleted by us
     validated: tuple[Any, list] | None = None                 # (generation, problems)
@@ -135,7 +136,7 @@ class Controller:
             if result is None:
                 return None  # the run is gone
             state.status = decision.status
-        phase = decision.status.get("phase")
+        phase = state.phase = decision.status.get("phase")
         opmetrics.set_phase((namespace, name), phase)
         for type_, reason, message in decision.events:
             kopf.event(raw, type=type_, reason=reason, message=message)
@@ -313,36 +314,6 @@ def setup(registry: kopf.OperatorRegistry, controller: Controller) -> Controller
     async def run_event(namespace: str, name: str, **_: Any) -> None:
         controller.wake(namespace, name)  # create, update (spec edits, suspend), status of others
 
-    # cancellation_backoff: on deletion kopf asks the loop to stop and gives it that long before
-    # cancelling it, so the loop can remove the children (without it kopf cancels at once); the
-    # finalizer goes as soon as the loop has ended (settings.background.instant_exit_timeout).
-    @kopf.daemon(*RUNS, cancellation_backoff=5.0, cancellation_timeout=25.0, backoff=1.0, registry=registry)
-    async def run_daemon(stopped: Any, body: Any, namespace: str, name: str, logger: logging.Logger,
-                         jobs_by_run: Any, pods_by_run: Any, **_: Any) -> None:
-        """Create and resume: one loop per TrainingRun until it is deleted. It reconciles when
-        woken or when the last reconcile asked to look again, scrapes progress while Running,
-        and once the run is deleted removes its children (kopf keeps its finalizer until then)."""
-        state = controller.state(namespace, name)
-        reconcile_at, scrape_at = 0.0, math.inf  # monotonic deadlines
-        while not stopped:
-            now = time.monotonic()
-            if state.wake.is_set() or now >= reconcile_at:
-                state.wake.clear()
-                delay = await _reconcile_once(state, body, logger, jobs_by_run, pods_by_run)
-                reconcile_at = now + delay if delay is not None else math.inf
-            if (state.status or {}).get("phase") != "Running":
-                scrape_at = math.inf
-            elif time.monotonic() >= scrape_at or scrape_at == math.inf:
-                if scrape_at != math.inf:
-                    try:
-                        await controller.scrape(body, pods_by_run, logger)
-                    except Exception as exc:  # progress is best effort; the loop must go on
-                        logger.warning("writing progress failed: %r", exc)
-                scrape_at = time.monotonic() + cfg.progress_interval
-            await _sleep(state.wake, stopped, min(reconcile_at, scrape_at) - time.monotonic())
-        if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
-            await controller.delete_children(namespace, name, plain(body).get("status") or {}, jobs_by_run, logger)
-
     async def _reconcile_once(state: RunState, body: Any, logger: logging.Logger, jobs_by_run: Any,
                               pods_by_run: Any) -> float | None:
         started = time.perf_counter()
@@ -360,5 +331,35 @@ def setup(registry: kopf.OperatorRegistry, controller: Controller) -> Controller
                            message=f"{exc} (retrying with backoff)"[:1024])
         opmetrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
         return delay
+
+    # cancellation_backoff: on deletion kopf asks the loop to stop and gives it that long before
+    # cancelling it, so the loop can remove the children (without it kopf cancels at once); the
+    # finalizer goes as soon as the loop has ended (settings.background.instant_exit_timeout).
+    @kopf.daemon(*RUNS, cancellation_backoff=5.0, cancellation_timeout=25.0, backoff=1.0, registry=registry)
+    async def run_daemon(stopped: Any, body: Any, namespace: str, name: str, logger: logging.Logger,
+                         jobs_by_run: Any, pods_by_run: Any, **_: Any) -> None:
+        """Create and resume: one loop per TrainingRun until it is deleted. It reconciles when
+        woken or when the last reconcile asked to look again, scrapes progress while Running,
+        and once the run is deleted removes its children (kopf keeps its finalizer until then)."""
+        state = controller.state(namespace, name)
+        reconcile_at, scrape_at = 0.0, math.inf  # monotonic deadlines
+        while not stopped:
+            now = time.monotonic()
+            if state.wake.is_set() or now >= reconcile_at:
+                state.wake.clear()
+                delay = await _reconcile_once(state, body, logger, jobs_by_run, pods_by_run)
+                reconcile_at = now + delay if delay is not None else math.inf
+            if state.phase != "Running":
+                scrape_at = math.inf
+            elif time.monotonic() >= scrape_at or scrape_at == math.inf:
+                if scrape_at != math.inf:
+                    try:
+                        await controller.scrape(body, pods_by_run, logger)
+                    except Exception as exc:  # progress is best effort; the loop must go on
+                        logger.warning("writing progress failed: %r", exc)
+                scrape_at = time.monotonic() + cfg.progress_interval
+            await _sleep(state.wake, stopped, min(reconcile_at, scrape_at) - time.monotonic())
+        if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            await controller.delete_children(namespace, name, plain(body).get("status") or {}, jobs_by_run, logger)
 
     return controller

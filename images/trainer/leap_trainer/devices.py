@@ -7,6 +7,8 @@ CPUs have no entry: MFU is then absent rather than invented.
 
 from __future__ import annotations
 
+import platform
+
 # (name fragment, {dtype: peak FLOP/s}); order matters: first match wins.
 _PEAKS: list[tuple[str, dict[str, float]]] = [
     ("H100 PCIE", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
@@ -37,3 +39,16 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
         if fragment in name:
             return peaks.get(dtype)
     return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), for reports and summaries."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return model

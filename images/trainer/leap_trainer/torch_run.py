@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from . import checkpoint as ckpt
 from . import contract as c
 from .data import load_dataset
-from .devices import peak_flops
+from .devices import cpu_model, peak_flops
 from .distributed import Layout, destroy_process_group, init_process_group, layout_from_env
 from .flops import training_flops_per_sample
 from .metrics import TrainingMetrics
@@ -56,16 +55,7 @@ def pick_device(layout: Layout) -> torch.device:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU ({model}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
 class Run:
