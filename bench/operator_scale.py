@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -202,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         # Cluster-wide, like a default install; progress scrapes at the default interval.
         operator = OperatorProcess(k8s, tmp, [], "--progress-interval", "5", verbose=bool(os.environ.get("LEAP_BENCH_VERBOSE")))
         with operator:
-            wait_for(lambda: _healthy(operator), 60, 0.2, "the operator's liveness endpoint")
+            operator.wait_ready()
             controller = JobController(k8s, probe)
             controller.start()
             started = time.monotonic()
@@ -240,15 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
-
-
-def _healthy(operator: OperatorProcess) -> bool:
-    assert operator.proc.poll() is None, operator.output()[-3000:]
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{operator.liveness_port}/healthz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def summarise(probe: Probe, runs: list[str], rss: float, live_rss: float, elapsed: float,

@@ -27,7 +27,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import aiohttp.web
 import kmock
@@ -430,6 +430,18 @@ class OperatorProcess:
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def wait_ready(self, timeout: float = 60) -> "OperatorProcess":
+        """Until kopf's liveness endpoint answers (the operator has started watching)."""
+        def alive() -> bool:
+            assert self.proc.poll() is None, self.output()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+        wait_for(alive, timeout, 0.2, "the operator's liveness endpoint")
+        return self
+
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
@@ -449,3 +461,14 @@ class OperatorProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def shared_operator(emulator: Emulator, tmp: Path, namespaces: list[str]) -> Iterator[OperatorProcess]:
+    """A module fixture's body: one operator for several tests, which must exit cleanly at the end."""
+    op = OperatorProcess(emulator, tmp, namespaces).start()
+    try:
+        yield op.wait_ready()
+    finally:
+        code = op.stop()
+        print(op.output()[-5000:])
+        assert code == 0, "the operator must exit cleanly on SIGTERM"

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import copy
 import time
-import urllib.request
 
 import pytest
 
-from emulator import Emulator, OperatorProcess, free_port, wait_for
+from emulator import Emulator, OperatorProcess, free_port, shared_operator, wait_for
 from leap_operator import names, render
 from leap_operator.status import get_condition
 from leap_trainer import contract
@@ -41,27 +40,9 @@ def k8s():
         yield emulator
 
 
-def wait_ready(op: OperatorProcess) -> None:
-    def alive():
-        assert op.proc.poll() is None, op.output()[-3000:]
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{op.liveness_port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-    wait_for(alive, 60, 0.2, "the operator's liveness endpoint")
-
-
 @pytest.fixture(scope="module")
 def operator(k8s, tmp_path_factory):
-    op = OperatorProcess(k8s, tmp_path_factory.mktemp("op"), SHARED_NAMESPACES).start()
-    try:
-        wait_ready(op)
-        yield op
-    finally:
-        code = op.stop()
-        print(op.output()[-5000:])
-        assert code == 0, "the operator must exit cleanly on SIGTERM"
+    yield from shared_operator(k8s, tmp_path_factory.mktemp("op"), SHARED_NAMESPACES)
 
 
 def phase(k8s: Emulator, ns: str, name: str) -> str | None:
@@ -200,7 +181,7 @@ def test_operator_restart_adopts_the_job_and_catches_up(k8s, tmp_path):
     ns = "restart"
     first = OperatorProcess(k8s, tmp_path, [ns]).start()
     try:
-        wait_ready(first)
+        first.wait_ready()
         k8s.create_run(gpu_run("durable", ns))
         assert k8s.writes("POST", f"/namespaces/{ns}/jobs") == 0
         job = wait_for(lambda: k8s.get("batch/v1/jobs", ns, "durable-a1"), message="Job durable-a1")
@@ -217,7 +198,7 @@ def test_operator_restart_adopts_the_job_and_catches_up(k8s, tmp_path):
     assert posts_before == 1
 
     with OperatorProcess(k8s, tmp_path, [ns]) as second:
-        wait_ready(second)
+        second.wait_ready()
         run = wait_for(lambda: phase(k8s, ns, "durable") == "Succeeded" and k8s.run(ns, "durable"),
                        message="status catches up after the restart")
         assert run["status"]["attempt"] == 1 and run["status"]["restarts"] == 0

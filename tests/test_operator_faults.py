@@ -13,11 +13,11 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from emulator import Emulator, OperatorProcess, Proxy, wait_for
+from emulator import Emulator, OperatorProcess, Proxy, shared_operator, wait_for
 from leap_operator import names
 from leap_operator.status import get_condition
 from leap_trainer import contract
-from test_operator import condition, gpu_run, phase, wait_ready
+from test_operator import condition, gpu_run, phase
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -36,14 +36,7 @@ def k8s():
 
 @pytest.fixture(scope="module")
 def operator(k8s, tmp_path_factory):
-    op = OperatorProcess(k8s, tmp_path_factory.mktemp("op"), SHARED_NAMESPACES).start()
-    try:
-        wait_ready(op)
-        yield op
-    finally:
-        code = op.stop()
-        print(op.output()[-5000:])
-        assert code == 0, "the operator must exit cleanly on SIGTERM"
+    yield from shared_operator(k8s, tmp_path_factory.mktemp("op"), SHARED_NAMESPACES)
 
 
 def metric(text: str, name: str, **labels: str) -> float:
@@ -112,7 +105,7 @@ def test_watch_streams_dropped_mid_run_miss_no_transition(k8s, tmp_path):
     proxy = Proxy(k8s).up()
     op = OperatorProcess(k8s, tmp_path, [ns], server=proxy.url).start()
     try:
-        wait_ready(op)
+        op.wait_ready()
         k8s.create_run(gpu_run("steady", ns))
         job = wait_for(lambda: k8s.get("batch/v1/jobs", ns, "steady-a1"), message="the Job")
         k8s.start_pods(job, "Running")
@@ -149,7 +142,7 @@ def test_operator_killed_between_job_create_and_status_patch_adopts_the_job(k8s,
 
     first = OperatorProcess(k8s, tmp_path, [ns]).start()
     try:
-        wait_ready(first)
+        first.wait_ready()
         k8s.create_run(gpu_run(name, ns))
         wait_for(lambda: k8s.get("batch/v1/jobs", ns, f"{name}-a1"), message="the Job")
         wait_for(lambda: len(k8s.requests("PATCH", status_path)) >= 2, message="status writes being refused")
@@ -161,7 +154,7 @@ def test_operator_killed_between_job_create_and_status_patch_adopts_the_job(k8s,
     assert k8s.writes("POST", f"/namespaces/{ns}/jobs") == 1
 
     with OperatorProcess(k8s, tmp_path, [ns]) as second:
-        wait_ready(second)
+        second.wait_ready()
         run = wait_for(lambda: (k8s.run(ns, name).get("status") or {}).get("jobName") and k8s.run(ns, name),
                        message="status catches up with the adopted Job")
         assert run["status"]["phase"] == "Pending" and run["status"]["attempt"] == 1
@@ -288,10 +281,10 @@ def test_two_replicas_only_the_leader_acts_and_the_standby_takes_over(k8s, tmp_p
     leader = OperatorProcess(k8s, tmp_path, [ns], *ha, "--priority", "100").start()
     standby = OperatorProcess(k8s, tmp_path, [ns], *ha, "--priority", "50")
     try:
-        wait_ready(leader)
+        leader.wait_ready()
         wait_for(lambda: peers() == [100], message="the leader in the peering object")
         standby.start()  # it finds a live peer of higher priority and stands by from the start
-        wait_ready(standby)
+        standby.wait_ready()
         wait_for(lambda: peers() == [50, 100], message="both replicas in the peering object")
         k8s.create_run(gpu_run("ha-run", ns))
         job = wait_for(lambda: k8s.get("batch/v1/jobs", ns, "ha-run-a1"), message="the Job")

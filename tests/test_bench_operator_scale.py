@@ -1,0 +1,31 @@
+"""The scale benchmark stays runnable: a small run of bench/operator_scale.py, end to end."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import operator_scale  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_small_scale_run_reports_every_run_and_stays_within_three_writes_per_phase_change(tmp_path, capsys):
+    out = tmp_path / "figures.json"
+    assert operator_scale.main(["--runs", "10", "--rate", "10", "--json", str(out), "--timeout", "120"]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["runs"] == 10
+    # Every run got its Job and Service, went Running, and reached Succeeded once its Job completed.
+    assert figures["create_to_children_ms"]["n"] == 10 and figures["complete_to_succeeded_ms"]["n"] == 10
+    assert figures["phase_changes_per_run"] == 3 and figures["reconcile_errors"] == 0
+    # The writes of a run's life: finalizer, Service, Job, then a status write and an Event per
+    # phase change (a rare extra kopf patch of a run is tolerated, not a pattern).
+    assert figures["writes_per_phase_change"]["mean"] <= 3.1, figures["writes_by_kind_per_run"]
+    assert figures["writes_by_kind_per_run"]["POST jobs"] == 1.0
+    assert "| writes per phase change" in capsys.readouterr().out  # the report a user reads
