@@ -100,6 +100,23 @@ def test_quick_start_classifier_reaches_90_percent_on_digits(tmp_path):
     assert state["0.weight"].shape == (128, 784) and state["2.weight"].shape == (10, 128)
 
 
+def test_a_users_npz_dataset_trains_with_its_own_train_test_split(tmp_path):
+    # A user's own data, in the documented x_train/y_train/x_test/y_test form: here the shipped
+    # digits (stored sorted by class), shuffled and re-split by hand into 3,000 training and
+    # 2,000 test images of 28x28 uint8.
+    import numpy as np
+    shipped = np.load(REPO / "images/trainer/leap_trainer/data/digits.npz")
+    order = np.random.default_rng(7).permutation(len(shipped["labels"]))
+    images, labels = shipped["images"][order].reshape(-1, 28, 28), shipped["labels"][order]
+    data = tmp_path / "my-digits.npz"
+    np.savez(data, x_train=images[:3000], y_train=labels[:3000], x_test=images[3000:], y_test=labels[3000:])
+    summary = train(tmp_path, "--framework", "pytorch", "--workload", "classifier", "--model", "mlp",
+                    "--dataset", str(data), "--epochs", "5", "--batch-size", "64", "--lr", "0.001")
+    assert summary["dataset"] == str(data)
+    assert summary["steps"] == (3000 // 64) * 5  # the user's 3,000 training images, not the shipped split
+    assert summary["test_accuracy"] >= 0.85 and summary["wall_seconds"] > 0
+
+
 def test_distillation_reports_teacher_student_and_student_alone(tmp_path):
     ckpt = tmp_path / "ckpt"
     summary = train(tmp_path, "--workload", "distillation", "--model", "mlp", "--teacher", "mlp-large",
