@@ -88,3 +88,40 @@ def test_ctrl_c_stops_training_leaves_no_process_and_resume_continues(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 20
     assert summary["test_accuracy"] >= 0.90
+
+
+def test_two_tensorflow_workers_train_together_with_multi_worker_mirrored_strategy(tmp_path):
+    # The same 2-worker example with the framework switched: each local worker gets the cluster
+    # (LEAP_WORKER_HOSTS on local ports, its index) and Keras trains under MultiWorkerMirroredStrategy.
+    name = unique_name("tf-ddp")
+    try:
+        done = leap("run", str(EXAMPLES / "ddp-cpu.yaml"), "--workdir", str(tmp_path / "run"),
+                    "--set", f"metadata.name={name}", "--set", "spec.framework=tensorflow",
+                    "--set", "spec.workload.epochs=2")
+    finally:
+        kill_run(name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["framework"] == "tensorflow" and summary["strategy"] == "multi-worker"
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 64
+    assert summary["test_accuracy"] >= 0.85
+    for worker in (0, 1):
+        log = (tmp_path / "run" / "attempt-1" / f"worker-{worker}.log").read_text()
+        assert "strategy multi-worker: 2 workers" in log, log[-2000:]
+
+
+def test_a_gpu_run_on_a_machine_without_one_says_so_in_one_line_and_trains_on_cpu(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the run would use it")
+    name = unique_name("gpu-here")
+    try:
+        done = leap("run", str(EXAMPLES / "mnist-gpu.yaml"), "--workdir", str(tmp_path / "run"),
+                    "--set", f"metadata.name={name}", "--set", "spec.workload.epochs=1")
+    finally:
+        kill_run(name)
+    assert done.returncode == 0, done.stdout + done.stderr
+    notes = [line for line in done.stdout.splitlines() if line.startswith("note:")]
+    assert notes == ["note: no NVIDIA GPU usable here: running on CPU (gloo instead of NCCL)"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["device"].startswith("CPU") and summary["steps"] > 0
