@@ -192,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
 
     shapes = load_shapes()
     probe = Probe()
-    gc.set_threshold(50_000, 20, 100)  # the emulator's own collections would add to the latencies
     tmp = Path(tempfile.mkdtemp(prefix="leap-scale-"))
     with Emulator() as k8s:
         for ns in NAMESPACES:
@@ -296,4 +295,5 @@ def report(f: dict) -> str:
 
 
 if __name__ == "__main__":
+    gc.set_threshold(50_000, 20, 100)  # the emulator's own collections would add to the latencies
     sys.exit(main())
