@@ -38,7 +38,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the emulator wiring is shared with the test suite
 
-from emulator import Emulator, OperatorProcess, wait_for  # noqa: E402
+from emulator import Emulator, OperatorProcess, method_of, wait_for  # noqa: E402
 
 from leap_operator import names  # noqa: E402
 from leap_trainer.devices import cpu_model  # noqa: E402
@@ -77,7 +77,7 @@ class Probe:
 
     def __call__(self, request, response, now: float) -> None:
         status = getattr(response, "status", 200)
-        method = str(getattr(request.method, "value", request.method)).upper()
+        method = method_of(request)
         agent = (request.headers or {}).get("User-Agent", "")
         path = request.url.path
         data = request.data if isinstance(request.data, dict) else {}

@@ -126,6 +126,11 @@ def api_path(resource: str, namespace: str | None = None, name: str | None = Non
     return base
 
 
+def method_of(request: Any) -> str:
+    """A kmock request's HTTP method, upper-case ("POST")."""
+    return str(getattr(request.method, "value", request.method)).upper()
+
+
 class _Emulator(kmock.KubernetesEmulator):
     """KubernetesEmulator plus metadata.generateName (kopf names its Events that way), lookups of
     one object by its key (kmock scans every stored object for each fetch, create, patch and
@@ -218,14 +223,14 @@ class Emulator:
     def refuse(self, method: str, path: str, code: int, while_set: threading.Event) -> None:
         """Answer `method` requests on `path` with `code`, storing nothing, while `while_set` is set."""
         def refusal(request: Any) -> int | None:
-            same = str(getattr(request.method, "value", request.method)).upper() == method.upper()
+            same = method_of(request) == method.upper()
             return code if same and request.url.path == path and while_set.is_set() else None
         self.call(lambda km: setattr(km, "refusals", (*km.refusals, refusal)))
 
     def requests(self, method: str, path_suffix: str) -> list:
         """The requests the emulator answered for `method` on paths ending in path_suffix."""
         def matching(km: _Emulator) -> list:
-            return [r for r in km if str(getattr(r.method, "value", r.method)).upper() == method.upper()
+            return [r for r in km if method_of(r) == method.upper()
                     and r.url.path.endswith(path_suffix)]
         return self.call(matching)
 

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
-_ROUTINE_SUCCESS = re.compile(r"^(Handler|Timer|Indexer) '[^']*' succeeded\.$")
+_ROUTINE_SUCCESS = re.compile(r"^(Handler|Indexer) '[^']*' succeeded\.$")
 
 
 def _drop_routine_successes(record: logging.LogRecord) -> bool:

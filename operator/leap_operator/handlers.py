@@ -351,12 +351,13 @@ def setup(registry: kopf.OperatorRegistry, controller: Controller) -> Controller
                 reconcile_at = now + delay if delay is not None else math.inf
             if state.phase != "Running":
                 scrape_at = math.inf
-            elif time.monotonic() >= scrape_at or scrape_at == math.inf:
-                if scrape_at != math.inf:
-                    try:
-                        await controller.scrape(body, pods_by_run, logger)
-                    except Exception as exc:  # progress is best effort; the loop must go on
-                        logger.warning("writing progress failed: %r", exc)
+            elif scrape_at == math.inf:  # just became Running: the first scrape one interval on
+                scrape_at = time.monotonic() + cfg.progress_interval
+            elif time.monotonic() >= scrape_at:
+                try:
+                    await controller.scrape(body, pods_by_run, logger)
+                except Exception as exc:  # progress is best effort; the loop must go on
+                    logger.warning("writing progress failed: %r", exc)
                 scrape_at = time.monotonic() + cfg.progress_interval
             await _sleep(state.wake, stopped, min(reconcile_at, scrape_at) - time.monotonic())
         if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
