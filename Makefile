@@ -7,7 +7,7 @@ RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test system-deps crd generate bench clean
+.PHONY: setup run test system-deps crd generate bench clean control-plane control-plane-down control-plane-build
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,7 +31,20 @@ system-deps:
 run: $(RUN_STAMP)
 	$(VENV)/bin/leap run manifests/examples/mnist-cpu.yaml
 
-test: $(TEST_STAMP) system-deps
+# The real Kubernetes control plane of the test tier (tests/controlplane.py): built once from Go
+# modules (test/controlplane/) into .cache/bin/, reused while its sources are unchanged.
+control-plane-build:
+	python3 tests/controlplane.py build
+
+# Start etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback (idempotent);
+# admin kubeconfig: .cache/control-plane/kubeconfig. No Nodes, no pod runner: tests add those.
+control-plane: control-plane-build
+	python3 tests/controlplane.py up
+
+control-plane-down:
+	python3 tests/controlplane.py down
+
+test: $(TEST_STAMP) system-deps control-plane-build
 	$(VENV)/bin/pytest -q
 
 # Regenerate every derived file: the CRD, the chart's CRDs, dashboards, alert rules, install.yaml.
@@ -39,5 +52,5 @@ crd generate: $(RUN_STAMP)
 	$(VENV)/bin/leap crd > manifests/crd/leap.dev_trainingruns.yaml
 	$(PY) helm/generate.py
 
-clean:
-	rm -rf $(VENV) build *.egg-info
+clean: control-plane-down
+	rm -rf $(VENV) build *.egg-info .cache

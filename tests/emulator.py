@@ -405,11 +405,13 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
 
 
 class OperatorProcess:
-    """The real operator, `leap operator`, as a child process pointed at the emulator."""
+    """The real operator, `leap operator`, as a child process pointed at the emulator (or at a
+    real API server through `kubeconfig`)."""
 
-    def __init__(self, emulator: Emulator, tmp: Path, namespaces: list[str], *extra: str, server: str | None = None,
-                 verbose: bool = True):
+    def __init__(self, emulator: Emulator | None, tmp: Path, namespaces: list[str], *extra: str,
+                 server: str | None = None, verbose: bool = True, kubeconfig: Path | None = None):
         self.emulator, self.tmp, self.namespaces, self.extra = emulator, tmp, namespaces, extra
+        self.kubeconfig = kubeconfig  # a real API server's (then `emulator` is None)
         self.server = server  # the API URL it talks to (default: the emulator's; a Proxy's, say)
         self.verbose = verbose  # debug logs for the tests' post-mortems; off to measure
         self.proc: subprocess.Popen | None = None
@@ -418,7 +420,8 @@ class OperatorProcess:
         self.log = tmp / f"operator-{time.monotonic_ns()}.log"
 
     def start(self) -> "OperatorProcess":
-        kubeconfig = self.emulator.kubeconfig(self.tmp / f"kubeconfig-{self.metrics_port}", self.server)
+        kubeconfig = self.kubeconfig or self.emulator.kubeconfig(self.tmp / f"kubeconfig-{self.metrics_port}",
+                                                                 self.server)
         env = {**os.environ, "KUBECONFIG": str(kubeconfig),
                "PYTHONUNBUFFERED": "1"}
         env.pop("KUBERNETES_SERVICE_HOST", None)

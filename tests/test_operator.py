@@ -83,10 +83,11 @@ def test_gpu_run_lifecycle_progress_and_operator_metrics(k8s, operator):
         wait_for(lambda: phase(k8s, ns, "llm") == "Pending", message="phase Pending")
 
         # The Job controller starts the pods; rank 0 serves real metrics on 127.0.0.1.
-        k8s.start_pods(job, "Running", pod_ip="127.0.0.1")
+        # (The Job controller counts its pods active as it creates them, before they run.)
         k8s.set_job_status(ns, job["metadata"]["name"], {"active": 2, "ready": 2})
+        k8s.start_pods(job, "Running", pod_ip="127.0.0.1")
         run = wait_for(lambda: phase(k8s, ns, "llm") == "Running" and k8s.run(ns, "llm"), message="Running")
-        assert condition(run, "Running")["status"] == "True"
+        assert condition(run, "Running")["status"] == "True", run["status"]
         assert run["status"]["workers"]["active"] == 2 and run["status"]["workers"]["desired"] == 2
         assert run["status"]["startTime"] and run["status"]["attempt"] == 1
 
@@ -211,7 +212,7 @@ def test_suspend_resume_then_ttl_deletes_the_run_and_its_children(k8s, operator)
     ns = "policy"
     k8s.create_run(gpu_run("pausable", ns, runPolicy={"ttlSecondsAfterFinished": 1}))
     job = wait_for(lambda: k8s.get("batch/v1/jobs", ns, "pausable-a1"), message="Job pausable-a1")
-    k8s.set_job_status(ns, "pausable-a1", {"active": 2})
+    k8s.set_job_status(ns, "pausable-a1", {"active": 2, "ready": 2})
     wait_for(lambda: phase(k8s, ns, "pausable") == "Running", message="Running")
 
     # Suspend: the Job is suspended (its controller then removes the pods); the run says so.
@@ -229,7 +230,7 @@ def test_suspend_resume_then_ttl_deletes_the_run_and_its_children(k8s, operator)
     k8s.patch(f"{names.API_VERSION}/{names.PLURAL}", ns, "pausable",
               {"metadata": {"generation": 3}, "spec": {"runPolicy": {"suspend": False}}})
     wait_for(lambda: k8s.get("batch/v1/jobs", ns, "pausable-a1")["spec"].get("suspend") is False, message="Job resumed")
-    k8s.set_job_status(ns, "pausable-a1", {"active": 2})
+    k8s.set_job_status(ns, "pausable-a1", {"active": 2, "ready": 2})
     run = wait_for(lambda: phase(k8s, ns, "pausable") == "Running" and k8s.run(ns, "pausable"), message="Running again")
     assert condition(run, "Suspended")["status"] == "False" and run["status"]["attempt"] == 1
 
@@ -248,7 +249,7 @@ def test_active_deadline_fails_the_run_and_removes_its_job(k8s, operator):
     k8s.create_run(gpu_run("slow", ns, runPolicy={"activeDeadlineSeconds": 1}))
     job = wait_for(lambda: k8s.get("batch/v1/jobs", ns, "slow-a1"), message="Job slow-a1")
     assert job["spec"]["activeDeadlineSeconds"] == 1
-    k8s.set_job_status(ns, "slow-a1", {"active": 2})  # the Job controller would fail it too; here it does not
+    k8s.set_job_status(ns, "slow-a1", {"active": 2, "ready": 2})  # the Job controller would fail it too; here it does not
     run = wait_for(lambda: phase(k8s, ns, "slow") == "Failed" and k8s.run(ns, "slow"), timeout=30,
                    message="Failed by the deadline")
     assert run["status"]["reason"] == "DeadlineExceeded" and run["status"]["restarts"] == 0

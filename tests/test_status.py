@@ -68,7 +68,7 @@ def test_lifecycle_running_then_succeeded_keeps_transition_times():
     assert [e[1] for e in d.events] == ["WorkersActive"]
     running_since = cond(d, "Running")["lastTransitionTime"]
     # Same observation later: no change, no event, transition time kept.
-    d = step(run, job(active=2), [], T0 + dt.timedelta(seconds=60))
+    d = step(run, job(active=2, ready=2), [], T0 + dt.timedelta(seconds=60))
     assert cond(d, "Running")["lastTransitionTime"] == running_since and d.events == []
     d = step(run, job(succeeded=2, conditions=[{"type": "Complete", "status": "True"}]), [],
              T0 + dt.timedelta(seconds=90))
@@ -80,7 +80,7 @@ def test_lifecycle_running_then_succeeded_keeps_transition_times():
 
 def test_failed_attempt_restarts_with_exponential_backoff_then_backoff_limit():
     run = make_run(backoffLimit=2)
-    step(run, job(active=2), [], T0)
+    step(run, job(active=2, ready=2), [], T0)
     d = step(run, job(active=1), [pod(0, "Running"), pod(1, "Failed", reason="Error")], T0, backoff_base=1.0)
     assert d.action == "restart" and d.status["phase"] == "Restarting"
     assert d.status["attempt"] == 2 and d.status["restarts"] == 1
@@ -101,6 +101,29 @@ def test_failed_attempt_restarts_with_exponential_backoff_then_backoff_limit():
     assert cond(d, "Failed")["status"] == "True"
 
 
+def test_a_gang_whose_pods_wait_is_pending_not_running():
+    """Job.status.active counts Pending pods: a gang waiting for nodes has not started."""
+    run = make_run(activeDeadlineSeconds=60)
+    step(run, None, [], T0)
+    d = step(run, job(active=2, ready=1), [pod(0, "Running"), pod(1, "Pending")], T0)
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "PodsStarting"
+    assert "startTime" not in d.status and d.status["message"].startswith("1/2 worker pods running")
+    waiting = pod(1, "Pending")
+    waiting["status"]["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
+    d = step(run, job(active=2), [pod(0, "Running"), waiting], T0 + dt.timedelta(seconds=120))
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "Unschedulable"
+    assert cond(d, "Scheduled")["status"] == "False"
+    assert cond(d, "Scheduled")["message"] == "pod r-a1-1: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    assert d.status["phase"] != "Failed"  # the deadline counts from the first start only
+    both = [pod(0, "Running"), pod(1, "Running")]
+    for p in both:
+        p["spec"] = {"nodeName": "n1"}
+    d = step(run, job(active=2, ready=2), both, T0 + dt.timedelta(seconds=130))
+    assert d.status["phase"] == "Running" and d.status["startTime"] == "2026-01-01T12:02:10Z"
+    assert cond(d, "Scheduled")["status"] == "True"
+
+
 def test_evicted_pod_counts_as_failed_attempt():
     run = make_run(backoffLimit=0)
     evicted = pod(1, "Failed", reason="Evicted")
@@ -112,10 +135,10 @@ def test_evicted_pod_counts_as_failed_attempt():
 
 def test_deadline_exceeded_fails_and_stops():
     run = make_run(activeDeadlineSeconds=60)
-    step(run, job(active=2), [], T0)
-    d = step(run, job(active=2), [], T0 + dt.timedelta(seconds=30))
+    step(run, job(active=2, ready=2), [], T0)
+    d = step(run, job(active=2, ready=2), [], T0 + dt.timedelta(seconds=30))
     assert d.status["phase"] == "Running" and d.requeue_after == pytest.approx(30)
-    d = step(run, job(active=2), [], T0 + dt.timedelta(seconds=61))
+    d = step(run, job(active=2, ready=2), [], T0 + dt.timedelta(seconds=61))
     assert d.status["phase"] == "Failed" and d.status["reason"] == "DeadlineExceeded" and d.action == "stop"
 
 
@@ -130,7 +153,7 @@ def test_ttl_after_finished_deletes_the_run():
 
 def test_suspend_and_resume():
     run = make_run(suspend=True)
-    d = step(run, job(active=2), [], T0)
+    d = step(run, job(active=2, ready=2), [], T0)
     assert d.status["phase"] == "Suspended" and d.action == "suspend"
     assert cond(d, "Suspended")["status"] == "True"
     run["spec"]["runPolicy"]["suspend"] = False

@@ -114,9 +114,26 @@ def tpu_slice(tpu_type: str, topology: str) -> dict:
     return {"chips": chips, "hosts": chips // facts["chips_per_host"], "chipsPerHost": facts["chips_per_host"]}
 
 
-def _cel_topologies_map() -> str:
-    """CEL map literal {type: [topologies]} (ordered, for messages)."""
-    return "{" + ", ".join(f"'{name}': {_cel_list(facts['topologies'])}" for name, facts in TPU_TYPES.items()) + "}"
+# Messages are built from string literals only: the API server's CEL cost estimator counts
+# join() and string() as unbounded and refuses the whole CRD (seen on kube-apiserver 1.33).
+def _cel_topologies_text() -> str:
+    """CEL: the topologies of self.type as one string, e.g. '1x1, 2x2, 2x4, 4x4'."""
+    chain = " : ".join(f"self.type == '{name}' ? '{', '.join(facts['topologies'])}'" for name, facts in TPU_TYPES.items())
+    return f"({chain} : '')"
+
+
+def _cel_tpu_hosts_text(tpu: str) -> str:
+    """CEL: the host count of the slice `tpu` (a CEL expression for the TPU block) as a string."""
+    chain = " : ".join(
+        f"{tpu}.type == '{name}' ? {{" + ", ".join(f"'{t}': '{tpu_slice(name, t)['hosts']}'" for t in facts["topologies"])
+        + f"}}[{tpu}.topology]" for name, facts in TPU_TYPES.items())
+    return f"({chain} : '?')"
+
+
+def _cel_first_present(values, present: str) -> str:
+    """CEL: the first of `values` for which `present` (with {v} for the value) holds, as a string."""
+    chain = " : ".join(f"{present.format(v=v)} ? '{v}'" for v in values)
+    return f"({chain} : '')"
 
 
 def _cel_tpu_hosts_map() -> str:
@@ -164,11 +181,13 @@ class TPU(_Model):
         rule(f"self.topology in {_cel_tpu_hosts_map()}[self.type]",
              "accelerator.tpu.topology is not a slice GKE offers for this TPU type; pick one of its topologies (see docs/api.md)",
              message_expression=f"'accelerator.tpu.topology ' + self.topology + ' is not a ' + self.type + "
-                                f"' slice; use one of ' + {_cel_topologies_map()}[self.type].join(', ')",
+                                f"' slice; use one of ' + {_cel_topologies_text()}",
              field_path=".topology"),
     ))
+    # maxLength bounds the API server's CEL cost estimate of the rules that print it.
     type: Literal[tuple(TPU_TYPES)] = Field(
-        ..., description="GKE TPU accelerator (node label cloud.google.com/gke-tpu-accelerator).")
+        ..., description="GKE TPU accelerator (node label cloud.google.com/gke-tpu-accelerator).",
+        json_schema_extra={"maxLength": 32})
     topology: str = Field(..., max_length=16, pattern=TOPOLOGY,
                           description="Slice topology, e.g. 2x4 or 4x4 (v5e/v6e) or 2x2x2 (v4/v5p) (node label cloud.google.com/gke-tpu-topology).")
 
@@ -307,6 +326,7 @@ ProcsPerWorker = Annotated[Union[int, Literal["auto"]], _int_or_string(
 
 
 _HOSTS = _cel_tpu_hosts_map()
+_ENV_HAS = "self.env.exists(e, e.name == '{v}')"
 
 
 def _spec_rules() -> dict:
@@ -321,7 +341,7 @@ def _spec_rules() -> dict:
              f"!(self.accelerator.tpu.topology in {_HOSTS}[self.accelerator.tpu.type]) || "
              f"self.workers == {_HOSTS}[self.accelerator.tpu.type][self.accelerator.tpu.topology]",
              "spec.workers must equal the TPU slice's host count (one pod per TPU VM); omit workers to derive it from accelerator.tpu.topology",
-             message_expression=f"'spec.workers must be ' + string({_HOSTS}[self.accelerator.tpu.type][self.accelerator.tpu.topology]) + "
+             message_expression=f"'spec.workers must be ' + {_cel_tpu_hosts_text('self.accelerator.tpu')} + "
                                 "', the number of hosts in a ' + self.accelerator.tpu.topology + ' ' + self.accelerator.tpu.type + "
                                 "' slice; omit workers to derive it'",
              field_path=".workers"),
@@ -330,7 +350,8 @@ def _spec_rules() -> dict:
              field_path=".procsPerWorker"),
         rule(f"!has(self.env) || self.env.all(e, !(e.name in {_cel_list(RESERVED_ENV)}))",
              "spec.env must not set variables Leap sets itself: " + ", ".join(RESERVED_ENV),
-             message_expression=f"'spec.env sets ' + self.env.filter(e, e.name in {_cel_list(RESERVED_ENV)}).map(e, e.name).join(', ') + "
+             message_expression="'spec.env sets ' + "
+                                f"{_cel_first_present(RESERVED_ENV, _ENV_HAS)} + "
                                 "', which Leap sets itself for the distributed rendezvous; remove it'",
              field_path=".env"),
     )
@@ -345,7 +366,7 @@ class TrainingRunSpec(_Model):
     workload: Workload | None = Field(None, description="A built-in workload (mutually exclusive with command).")
     command: list[Annotated[str, Field(max_length=4096)]] | None = Field(None, min_length=1, max_length=64, description="Your own program (custom images).")
     args: list[Annotated[str, Field(max_length=4096)]] | None = Field(None, max_length=256, description="Arguments to command.")
-    accelerator: Accelerator = Field(default_factory=Accelerator, json_schema_extra={"default": {}})
+    accelerator: Accelerator = Field(default_factory=Accelerator, json_schema_extra={"default": {"type": "cpu"}})
     workers: int | None = Field(None, ge=1, le=4096, description="Pods (one per node). Default 1, or the host count of the TPU slice.")
     procsPerWorker: ProcsPerWorker = Field("auto")
     resources: Resources | None = None

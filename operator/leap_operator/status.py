@@ -30,6 +30,7 @@ TERMINAL = (SUCCEEDED, FAILED)
 # Condition types (Kubeflow/JobSet style).
 VALID, CREATED, C_RUNNING, C_RESTARTING, C_SUSPENDED, C_SUCCEEDED, C_FAILED = (
     "Valid", "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
+SCHEDULED = "Scheduled"  # every worker pod of the attempt is bound to a node (False: why not)
 PHASE_CONDITION = {RUNNING: C_RUNNING, RESTARTING: C_RESTARTING, SUSPENDED: C_SUSPENDED,
                    SUCCEEDED: C_SUCCEEDED, FAILED: C_FAILED}
 
@@ -40,6 +41,8 @@ R_DEADLINE = "DeadlineExceeded"
 R_COMPLETED = "JobCompleted"
 R_ATTEMPT_FAILED = "AttemptFailed"
 R_QUEUED = "Queued"
+R_UNSCHEDULABLE = "Unschedulable"
+R_STARTING = "PodsStarting"
 
 DEFAULT_BACKOFF_BASE = 10.0
 DEFAULT_BACKOFF_MAX = 300.0
@@ -153,6 +156,25 @@ def attempt_failure(job: dict | None, pods: list[dict]) -> tuple[str, str] | Non
     failed = int(((job or {}).get("status") or {}).get("failed") or 0)
     if failed:
         return "WorkerFailed", f"{failed} worker pod(s) failed"
+    return None
+
+
+def running_pods(job: dict | None, pods: list[dict]) -> int:
+    """Worker pods that really run. Job.status.active also counts Pending pods (waiting for a
+    node, pulling images), so it cannot tell a gang that trains from one that waits."""
+    ready = int(((job or {}).get("status") or {}).get("ready") or 0)  # pods with Ready=True
+    running = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Running"
+                  and not (p.get("metadata") or {}).get("deletionTimestamp"))
+    return max(ready, running)  # whichever the operator's watch has seen first
+
+
+def unschedulable(pods: list[dict]) -> tuple[str, str] | None:
+    """(pod name, the scheduler's message) for the first worker pod the scheduler cannot place."""
+    for pod in sorted(pods, key=lambda p: (pod_index(p) is None, pod_index(p) or 0)):
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
+                    and cond.get("reason") == R_UNSCHEDULABLE:
+                return (pod.get("metadata") or {}).get("name", "?"), cond.get("message") or ""
     return None
 
 
@@ -312,14 +334,28 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
             return finish(PENDING, R_QUEUED, f"waiting for admission by queue {queue}", requeue=requeue())
         return finish(PENDING, "Resuming", "resuming the suspended Job", action="resume", requeue=requeue())
 
+    # Running means every worker's pod runs; until then the run waits, and says for what.
     workers = new["workers"]
-    if workers["active"] > 0:
+    running = running_pods(job, pods)
+    stuck = unschedulable(pods)
+    if stuck:
+        pod_name, why = stuck
+        conds = set_condition(conds, SCHEDULED, False, R_UNSCHEDULABLE, f"pod {pod_name}: {why}", now)
+    elif pods and all((p.get("spec") or {}).get("nodeName") for p in pods) and len(pods) >= workers["desired"]:
+        conds = set_condition(conds, SCHEDULED, True, "PodsScheduled",
+                              f"all {workers['desired']} worker pods are bound to nodes", now)
+    if running >= workers["desired"] > 0:
         if not new.get("startTime"):
             new["startTime"] = fmt_time(now)
             if deadline:
                 left = float(deadline)
         return finish(RUNNING, "WorkersActive",
-                      f"{workers['active']}/{workers['desired']} workers active (attempt {attempt})",
+                      f"{running}/{workers['desired']} workers running (attempt {attempt})",
+                      requeue=requeue())
+    if stuck:
+        return finish(PENDING, R_UNSCHEDULABLE, f"waiting for nodes: pod {stuck[0]}: {stuck[1]}", requeue=requeue())
+    if workers["active"] > 0:
+        return finish(PENDING, R_STARTING, f"{running}/{workers['desired']} worker pods running (attempt {attempt})",
                       requeue=requeue())
     return finish(PENDING, "JobCreated", f"Job {new['jobName']} created; waiting for its pods",
                   requeue=requeue())

@@ -43,7 +43,7 @@ def _quoted_key(path: str, prefix: str) -> str | None:
 
 
 def field_ref(path: str, *, index: int, pod_name: str, namespace: str, labels: Mapping[str, str],
-              annotations: Mapping[str, str]) -> str:
+              annotations: Mapping[str, str], pod_ip: str = LOCALHOST) -> str:
     annotations = {**annotations, contract.JOB_COMPLETION_INDEX_ANNOTATION: str(index)}
     # Kubernetes >= 1.28 also labels Indexed Job pods with their index.
     labels = {**labels, contract.JOB_COMPLETION_INDEX_ANNOTATION: str(index)}
@@ -53,8 +53,8 @@ def field_ref(path: str, *, index: int, pod_name: str, namespace: str, labels: M
         "metadata.uid": f"local-{pod_name}",
         "spec.nodeName": socket.gethostname(),
         "spec.serviceAccountName": "default",
-        "status.podIP": LOCALHOST,
-        "status.podIPs": LOCALHOST,
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
         "status.hostIP": LOCALHOST,
         "status.hostIPs": LOCALHOST,
     }
@@ -89,7 +89,7 @@ def resource_ref(ref: dict, resources: dict) -> str:
 
 def resolve_env(container: dict, *, index: int, pod_name: str, namespace: str, pod_metadata: dict,
                 local: Mapping[str, Callable[[str], str]] | None = None,
-                shell_env: Mapping[str, str] | None = None) -> dict[str, str]:
+                shell_env: Mapping[str, str] | None = None, pod_ip: str = LOCALHOST) -> dict[str, str]:
     """name -> value, in the container's order, later entries overriding earlier ones.
 
     `local` maps a variable name to a function of its pod value giving its local value
@@ -99,7 +99,7 @@ def resolve_env(container: dict, *, index: int, pod_name: str, namespace: str, p
     local = local or {}
     resolved: dict[str, str] = {}
     for entry in container.get("env") or []:
-        _resolve_entry(entry, resolved, container, index, pod_name, namespace, pod_metadata, shell_env)
+        _resolve_entry(entry, resolved, container, index, pod_name, namespace, pod_metadata, shell_env, pod_ip)
         name = entry["name"]
         if name in resolved and name in local:
             resolved[name] = local[name](resolved[name])
@@ -107,7 +107,7 @@ def resolve_env(container: dict, *, index: int, pod_name: str, namespace: str, p
 
 
 def _resolve_entry(entry: dict, resolved: dict[str, str], container: dict, index: int, pod_name: str,
-                   namespace: str, pod_metadata: dict, shell_env: Mapping[str, str]) -> None:
+                   namespace: str, pod_metadata: dict, shell_env: Mapping[str, str], pod_ip: str) -> None:
     name = entry["name"]
     if "value" in entry or "valueFrom" not in entry:
         resolved[name] = expand(str(entry.get("value") or ""), resolved)
@@ -117,7 +117,7 @@ def _resolve_entry(entry: dict, resolved: dict[str, str], container: dict, index
         if "fieldRef" in source:
             resolved[name] = field_ref(source["fieldRef"]["fieldPath"], index=index, pod_name=pod_name,
                                        namespace=namespace, labels=pod_metadata.get("labels") or {},
-                                       annotations=pod_metadata.get("annotations") or {})
+                                       annotations=pod_metadata.get("annotations") or {}, pod_ip=pod_ip)
         elif "resourceFieldRef" in source:
             resolved[name] = resource_ref(source["resourceFieldRef"], container.get("resources") or {})
         else:
