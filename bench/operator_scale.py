@@ -13,7 +13,10 @@ at the same rate. Everything is measured on the emulator's side, from the reques
   all runs are counted apart), and writes per phase change;
 - the operator's peak RSS (VmHWM from /proc).
 
-Usage: .venv/bin/python bench/operator_scale.py [--runs 1000] [--rate 20] [--json FILE]
+With --real it runs against the real control plane instead (bench/scale_real.py says what is
+measured there, and how).
+
+Usage: .venv/bin/python bench/operator_scale.py [--runs 1000] [--rate 20] [--json FILE] [--real]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the emulator wiring is shared with the test suite
+sys.path.insert(0, str(ROOT / "bench"))
 
 from emulator import Emulator, OperatorProcess, method_of, wait_for  # noqa: E402
 
@@ -188,7 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="runs created (then completed) per second")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--real", action="store_true",
+                        help="target the real control plane (tests/controlplane.py) instead of the emulator")
     args = parser.parse_args(argv)
+    if args.real:
+        import scale_real
+        figures = scale_real.run_real(args, paced, peak_rss_mb)
+        print(scale_real.report(figures))
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        return 0
 
     shapes = load_shapes()
     probe = Probe()

@@ -14,6 +14,7 @@ kubeconfig live in .cache/control-plane/; `down` stops every process `up` starte
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -38,6 +39,14 @@ KUBECONFIG = STATE_DIR / "kubeconfig"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 SERVICE_CIDR = "10.96.0.0/16"
 ADMIN_USER = "leap-admin"
+# The audit log records every request of ServiceAccounts in leap-system (the operator's), one
+# line each at ResponseComplete: an independent count of what the operator asks of the API
+# server, by verb and resource (bench/operator_scale.py --real, RBAC tests).
+AUDITED_GROUP = "system:serviceaccounts:leap-system"
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata", "userGroups": [AUDITED_GROUP]}, {"level": "None"}],
+}
 # node-lifecycle is on: the pod runner keeps its Nodes' Leases fresh, as kubelets do.
 CONTROLLERS = "*"
 
@@ -92,6 +101,13 @@ def build(quiet: bool = False) -> Path:
 
 # --- processes -----------------------------------------------------------------------------------
 
+def _epoch(stamp: str) -> float:
+    try:
+        return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -127,6 +143,27 @@ class ControlPlane:
             return json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return {}
+
+    @property
+    def audit_log(self) -> Path:
+        return self.dir / "logs" / "audit.log"
+
+    def audited(self, since: float = 0.0) -> list[dict]:
+        """The audit events (see AUDIT_POLICY) whose request completed after `since` (epoch s)."""
+        events = []
+        try:
+            lines = self.audit_log.read_text().splitlines()
+        except OSError:
+            return events
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            stamp = event.get("stageTimestamp") or ""
+            if not since or _epoch(stamp) >= since:
+                events.append(event)
+        return events
 
     @property
     def server(self) -> str:
@@ -176,6 +213,7 @@ class ControlPlane:
         (self.dir / "tokens.csv").write_text(f'{token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n')
         key = self.dir / "pki" / "service-account.key"
         subprocess.run(["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True)
+        (self.dir / "audit-policy.yaml").write_text(json.dumps(AUDIT_POLICY))
         state = {"pids": {}, "ports": ports, "token": token}
         self.state_file.write_text(json.dumps(state))
 
@@ -197,7 +235,9 @@ class ControlPlane:
               f"--cert-dir={self.dir / 'pki'}", f"--token-auth-file={self.dir / 'tokens.csv'}",
               "--authorization-mode=RBAC", f"--service-account-issuer={ISSUER}",
               f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",
-              f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false", "--v=1")
+              f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false", "--v=1",
+              f"--audit-policy-file={self.dir / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
+              "--audit-log-mode=batch", "--audit-log-batch-max-wait=1s")
         self._wait(lambda: self._readyz_ok(), timeout, "kube-apiserver /readyz")
         self.write_kubeconfig(self.kubeconfig, token=token, user=ADMIN_USER)
         start("kube-controller-manager", f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",

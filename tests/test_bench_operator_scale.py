@@ -29,3 +29,18 @@ def test_small_scale_run_reports_every_run_and_stays_within_three_writes_per_pha
     assert figures["writes_per_phase_change"]["mean"] <= 3.1, figures["writes_by_kind_per_run"]
     assert figures["writes_by_kind_per_run"]["POST jobs"] == 1.0
     assert "| writes per phase change" in capsys.readouterr().out  # the report a user reads
+
+
+@pytest.mark.slow
+def test_small_scale_run_against_the_real_control_plane_counts_the_operators_writes_from_the_audit_log(
+        control_plane, tmp_path, capsys):
+    out = tmp_path / "real.json"
+    assert operator_scale.main(["--real", "--runs", "6", "--rate", "3", "--json", str(out), "--timeout", "150"]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["runs"] == 6 and figures["create_to_children_ms"]["n"] == 6
+    assert figures["pods_finished_to_succeeded_ms"]["n"] == 6
+    assert figures["phase_changes_per_run"] == 3  # Pending, Running, Succeeded
+    kinds = figures["writes_by_kind_per_run"]
+    assert kinds["create jobs"] == 1.0 and kinds["create services"] == 1.0, kinds
+    assert figures["writes_per_phase_change"]["mean"] <= 3.5, kinds
+    assert "| writes per phase change" in capsys.readouterr().out
