@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from controlplane import ControlPlane, Rest
-from conftest import TEST_NAMESPACE_LABEL, Kubectl
+from conftest import TEST_NAMESPACE_LABEL, Kubectl, purge_test_namespaces
 from emulator import OperatorProcess, wait_for
 from podrunner import PodRunner, node
 
@@ -101,7 +101,9 @@ def run_real(args, paced, peak_rss_mb) -> dict:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "manifests" / "install.yaml"))
     kubectl("wait", "--for=condition=Established", "crd/trainingruns.leap.dev", "--timeout=60s")
     kubectl("-n", "leap-system", "scale", "deployment/leap-operator", "--replicas=0")
-    kubectl("delete", "namespace", *NAMESPACES, "--ignore-not-found", "--wait=true", "--timeout=300s")
+    purge_test_namespaces(rest)
+    wait_for(lambda: not any(rest.get(f"/api/v1/namespaces/{ns}") for ns in NAMESPACES), 300, 1.0,
+             "the namespaces of an earlier run gone")
     for ns in NAMESPACES:
         rest.ok("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                "metadata": {"name": ns, "labels": {TEST_NAMESPACE_LABEL: "true"}}})
@@ -169,7 +171,7 @@ def run_real(args, paced, peak_rss_mb) -> dict:
     done_ms = [1000 * (watcher.succeeded[n] - finished[n]) for n in names_ if n in watcher.succeeded and n in finished]
     changes = [watcher.phase_changes[n] for n in names_]
     per_change = [per_run_writes[n] / c for n, c in zip(names_, changes) if c]
-    kubectl("delete", "namespace", *NAMESPACES, "--wait=false", check=False)
+    purge_test_namespaces(rest)
     return {
         "target": "real control plane (kube-apiserver, Job controller, scheduler; pod runner for the kubelet)",
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}",

@@ -80,6 +80,17 @@ class Cluster:
         return [e for e in items if (e.get("involvedObject") or {}).get("name") == name]
 
 
+def purge_test_namespaces(rest: Rest) -> None:
+    """Delete the test namespaces, removing their pods at once as a kubelet would (grace 0), so
+    nothing waits on a node whose pod runner is gone."""
+    selector = f"labelSelector={TEST_NAMESPACE_LABEL}%3Dtrue"
+    for ns in rest.ok("GET", f"/api/v1/namespaces?{selector}")["items"]:
+        name = ns["metadata"]["name"]
+        rest.request("DELETE", f"/api/v1/namespaces/{name}/pods",
+                     {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
+        rest.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
 def require_tools() -> None:
     missing = [tool for tool in ("go", "kubectl", "openssl") if shutil.which(tool) is None]
     if missing:
@@ -110,7 +121,7 @@ def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     runner = PodRunner(rest, tmp / "pods").start()
     # A control plane reused from `make control-plane` may hold an earlier session's test
     # namespaces, whose pods would still occupy the test Nodes' GPUs and TPUs.
-    kubectl("delete", "namespace", "-l", f"{TEST_NAMESPACE_LABEL}=true", "--wait=true", "--timeout=120s")
+    purge_test_namespaces(rest)
     token = kubectl("-n", OPERATOR_NAMESPACE, "create", "token", OPERATOR_SA, "--duration=4h").stdout.strip()
     sa_kubeconfig = control_plane.write_kubeconfig(tmp / "operator.kubeconfig", token=token,
                                                    user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}")
@@ -119,7 +130,7 @@ def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
         operator.wait_ready()
         yield Cluster(control_plane, rest, kubectl, runner, operator)
     finally:
-        kubectl("delete", "namespace", "-l", f"{TEST_NAMESPACE_LABEL}=true", "--wait=false", check=False)
+        purge_test_namespaces(rest)
         code = operator.stop()
         runner.stop()
         print(operator.output()[-5000:])

@@ -104,9 +104,10 @@ def test_cpu_run_trains_for_real_and_kubectl_get_shows_its_progress(cluster):
     ns = cluster.namespace("cpu-run", labels={"pod-security.kubernetes.io/enforce": "restricted"})
     cluster.runner.run_for_real(lambda pod: pod["metadata"]["namespace"] == ns)
     run = example("mnist-cpu", ns, metrics={"port": free_port()})
-    run["spec"]["workload"]["epochs"] = 4
-    create(cluster, run)
+    # Long enough (several seconds) for the operator's scrapes to see it mid-way.
+    run["spec"]["workload"].update(dataset="synthetic", samples=200_000, epochs=3)
     recorder = PhaseRecorder(cluster, ns, "mnist-cpu")
+    create(cluster, run)
     try:
         seen = wait_for(lambda: (lambda row: row if _number(row["PROGRESS"]) and _number(row["THROUGHPUT"]) else None)(
             get_tr(cluster, ns, "mnist-cpu")), 180, 0.3, "PROGRESS and THROUGHPUT above 0 while Running")

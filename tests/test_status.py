@@ -124,6 +124,32 @@ def test_a_gang_whose_pods_wait_is_pending_not_running():
     assert cond(d, "Scheduled")["status"] == "True"
 
 
+def test_pods_the_job_cannot_create_are_a_condition_with_the_controllers_message():
+    run = make_run()
+    step(run, None, [], T0)
+    message = 'Error creating: pods "r-a1-0-" is forbidden: no PriorityClass with name gold was found'
+    d = step(run, job(active=0), [], T0, pods_not_created=message)
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "FailedCreate"
+    assert cond(d, "PodsCreated")["status"] == "False" and cond(d, "PodsCreated")["message"] == message
+    assert d.requeue_after == status.FAILED_CREATE_RECHECK  # Events wake nobody: look again
+    d = step(run, job(active=2, ready=2), [pod(0, "Running"), pod(1, "Running")], T0, pods_not_created=None)
+    assert d.status["phase"] == "Running" and cond(d, "PodsCreated")["status"] == "True"
+
+
+def test_a_refused_child_fails_the_run_only_when_the_refusal_is_final():
+    run = make_run()
+    step(run, None, [], T0)
+    d = status.refused(run, "Job", "r-a1", 422, 'admission webhook "policy" denied the request', T0)
+    assert d.status["phase"] == "Failed" and d.status["reason"] == "Rejected" and d.events[0][0] == "Warning"
+    run = make_run()
+    step(run, None, [], T0)
+    d = status.refused(run, "Job", "r-a1", 403, "exceeded quota: jobs", T0)
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "CreateRefused"
+    assert cond(d, "Created")["status"] == "False" and "exceeded quota" in cond(d, "Created")["message"]
+    d = status.refused(run, "Service", "r", 409, "", T0)
+    assert d.status["reason"] == "NameTaken" and "is not this run's" in d.status["message"]
+
+
 def test_evicted_pod_counts_as_failed_attempt():
     run = make_run(backoffLimit=0)
     evicted = pod(1, "Failed", reason="Evicted")
@@ -140,6 +166,33 @@ def test_deadline_exceeded_fails_and_stops():
     assert d.status["phase"] == "Running" and d.requeue_after == pytest.approx(30)
     d = step(run, job(active=2, ready=2), [], T0 + dt.timedelta(seconds=61))
     assert d.status["phase"] == "Failed" and d.status["reason"] == "DeadlineExceeded" and d.action == "stop"
+
+
+@pytest.mark.parametrize("condition_type", ["FailureTarget", "Failed"])
+def test_a_job_deadline_fails_the_run_without_a_restart(condition_type):
+    """Kubernetes >= 1.31 marks FailureTarget first: it is the deadline, not a worker failure."""
+    run = make_run(activeDeadlineSeconds=600)
+    step(run, job(active=2, ready=2), [pod(0, "Running"), pod(1, "Running")], T0)
+    d = step(run, job(active=2, conditions=[{"type": condition_type, "status": "True", "reason": "DeadlineExceeded"}]),
+             [pod(0, "Running"), pod(1, "Running")], T0 + dt.timedelta(seconds=5))
+    assert d.status["phase"] == "Failed" and d.status["reason"] == "DeadlineExceeded"
+    assert d.status["restarts"] == 0 and d.status["attempt"] == 1 and d.action in ("stop", "none")
+
+
+def test_preemption_by_suspension_is_not_a_failure_and_waits_for_readmission():
+    """Kueue preempts by suspending the Job; the kubelet moves the deleted pods to Failed."""
+    run = make_run(backoffLimit=1)
+    run["spec"]["scheduling"] = {"queueName": "team-a"}
+    step(run, job(active=2, ready=2), [pod(0, "Running"), pod(1, "Running")], T0)
+    preempted = job(active=0, failed=2)
+    preempted["spec"]["suspend"] = True
+    d = step(run, preempted, [pod(0, "Failed", reason="Error"), pod(1, "Failed", reason="Error")],
+             T0 + dt.timedelta(seconds=30))
+    assert d.status["phase"] == "Pending" and d.status["reason"] == "Preempted", d.status
+    assert d.status["restarts"] == 0 and d.status["attempt"] == 1 and d.action == "none"
+    readmitted = job(active=2, ready=2)
+    d = step(run, readmitted, [pod(0, "Running"), pod(1, "Running")], T0 + dt.timedelta(seconds=60))
+    assert d.status["phase"] == "Running" and d.status["restarts"] == 0
 
 
 def test_ttl_after_finished_deletes_the_run():

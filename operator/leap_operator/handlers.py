@@ -37,7 +37,9 @@ import kopf
 from leap_operator import api, names, opmetrics, progress, render
 from leap_operator.config import OperatorConfig
 from leap_operator.kube import Kube, KubeError
-from leap_operator.status import compute_status, pod_attempt, pod_index, status_patch
+from leap_operator.status import (FAILED_CREATE_RECHECK, compute_status, parse_time, pod_attempt, pod_index,
+                                  status_patch)
+from leap_operator.status import refused as status_refused
 from leap_operator.validation import Problem, defaulted, plain, validate_run
 
 RUNS = (names.GROUP, names.VERSION, names.PLURAL)
@@ -45,6 +47,7 @@ JOBS = ("batch", "v1", "jobs")
 PODS = ("", "v1", "pods")
 OWNED = {names.LABEL_RUN: kopf.PRESENT}
 FINALIZER = f"{names.GROUP}/finalizer"
+FAILED_CREATE_GRACE = 3.0  # seconds a new Job gets to create its pods before the operator asks why not
 
 
 @dataclass
@@ -67,6 +70,9 @@ class RunState:
     validated: tuple[Any, list] | None = None                 # (generation, problems)
     progress: dict | None = None
     errors: int = 0
+    refusals: int = 0                                         # refused creates in a row
+    failed_create: str | None = None                          # the Job controller's FailedCreate message
+    failed_create_checked: float = -math.inf
 
 
 class Controller:
@@ -120,9 +126,11 @@ class Controller:
         if current is not None and not _owned_by(current, uid):
             current = None  # a leftover of an earlier run with the same name: stale, deleted below
         pods = [p for p in pods_index.get((namespace, name), []) if pod_attempt(p) == attempt]
+        not_created = await self._pods_not_created(namespace, current, pods, state)
 
         decision = compute_status(run, current, pods, _now(), problems=problems,
-                                  backoff_base=self.config.backoff_base, backoff_max=self.config.backoff_max)
+                                  backoff_base=self.config.backoff_base, backoff_max=self.config.backoff_max,
+                                  pods_not_created=not_created)
 
         # Persist first: the attempt number must be durable before its Job exists. A "create"
         # decision never changes the attempt (restarts persist the new one first), so its status
@@ -148,9 +156,11 @@ class Controller:
         new_attempt = int(decision.status.get("attempt") or attempt)
         new_current = render.job_name(name, new_attempt)
 
-        # Jobs of other attempts (or of an older run of the same name) go, pods with them.
+        # This run's Jobs of other attempts go, pods with them. Only its own: a Job left by an
+        # earlier run of the same name belongs to that run (the garbage collector removes it),
+        # and an object someone else labelled is not ours to delete.
         for job_name, job in jobs.items():
-            if (job_name != new_current or not _owned_by(job, uid)) and job_name not in state.deleted:
+            if job_name != new_current and _owned_by(job, uid) and job_name not in state.deleted:
                 await self._delete_job(namespace, job_name, state, logger)
 
         action = decision.action
@@ -159,10 +169,17 @@ class Controller:
             # reason JobCreated), so a create costs no extra write.
             children = render.render_children(raw, new_attempt, self.config.operator)
             for child in children:
-                created = await self.kube.create(child)
-                if child["kind"] == "Job":
-                    state.created[child["metadata"]["name"]] = _trim(created)
-                    state.deleted.discard(child["metadata"]["name"])
+                kind, child_name = child["kind"], child["metadata"]["name"]
+                try:
+                    created = await self.kube.create(child)
+                except KubeError as exc:
+                    return await self._refused(raw, run, state, kind, child_name, exc.status, exc.message, logger)
+                if not _owned_by(created, uid):  # the name is taken by an object that is not ours
+                    return await self._refused(raw, run, state, kind, child_name, 409, "", logger)
+                if kind == "Job":
+                    state.created[child_name] = _trim(created)
+                    state.deleted.discard(child_name)
+            state.refusals = 0
             requeue = 0.0  # look again right away with the Job in hand
         elif action == "stop" and current is not None and current_name not in state.deleted:
             await self._delete_job(namespace, current_name, state, logger)
@@ -174,22 +191,73 @@ class Controller:
             return None
         return requeue
 
-    async def delete_children(self, namespace: str, name: str, status: dict, jobs_index: Any,
+    async def delete_children(self, namespace: str, name: str, uid: str | None, status: dict, jobs_index: Any,
                               logger: logging.Logger) -> None:
         """The run is being deleted: remove its Jobs (pods with them) and its Service.
 
         A Job the loop created a moment ago may not be in the index yet, so the Job names of all
-        of this run's attempts are deleted by name too (deleting what is gone is a no-op)."""
+        of this run's attempts are looked up by name too. Only objects whose controller is this
+        run are deleted (with a uid precondition): a stranger's object of the same name stays."""
         state = self.runs.get((namespace, name)) or RunState()
         attempt = max(int((state.status or {}).get("attempt") or 0), int((status or {}).get("attempt") or 1))
         job_names = {job["metadata"]["name"] for job in jobs_index.get((namespace, name), [])}
         job_names |= set(state.created) | {render.job_name(name, a) for a in range(1, attempt + 1)}
         for job_name in sorted(job_names):
-            await self.kube.delete("batch/v1", "jobs", namespace, job_name)
-        await self.kube.delete("v1", "services", namespace, render.service_name(name))
+            await self._delete_if_ours("batch/v1", "jobs", namespace, job_name, uid)
+        await self._delete_if_ours("v1", "services", namespace, render.service_name(name), uid)
         self.runs.pop((namespace, name), None)
         opmetrics.set_phase((namespace, name), None)
         logger.info("deleted the children of %s", name)
+
+    async def _delete_if_ours(self, api_version: str, plural: str, namespace: str, name: str, uid: str | None) -> None:
+        obj = await self.kube.get(api_version, plural, namespace, name)
+        if obj is not None and _owned_by(obj, uid):
+            await self.kube.delete(api_version, plural, namespace, name,
+                                   uid=(obj.get("metadata") or {}).get("uid"))
+
+    async def _refused(self, raw: dict, run: dict, state: "RunState", kind: str, child_name: str, code: int,
+                       message: str, logger: logging.Logger) -> float | None:
+        """The API server refused a child (or its name is taken): say so on the run, and retry
+        with backoff unless the refusal is final (the run is then Failed)."""
+        meta = raw.get("metadata") or {}
+        decision = status_refused(run, kind, child_name, code, message, _now())
+        patch = status_patch(run["status"], decision.status)
+        if patch and await self.kube.patch(names.API_VERSION, names.PLURAL, meta.get("namespace") or "default",
+                                           meta["name"], {"status": patch}, subresource="status") is None:
+            return None
+        state.status, state.phase = decision.status, decision.status.get("phase")
+        for type_, reason, text in decision.events:
+            kopf.event(raw, type=type_, reason=reason, message=text)
+            logger.warning("%s: %s", reason, text)
+        if decision.status.get("phase") == "Failed":
+            return None
+        state.refusals += 1
+        return min(60.0, self.config.error_backoff * 2 ** (state.refusals - 1))
+
+    async def _pods_not_created(self, namespace: str, job: dict | None, pods: list[dict],
+                                state: "RunState") -> str | None:
+        """The Job controller's latest FailedCreate message for this Job, while pods are missing.
+
+        It reports those only as Events on the Job. Looked up only once the Job is a few seconds
+        old and still short of pods, and then at most every FAILED_CREATE_RECHECK seconds."""
+        if job is None or (job.get("spec") or {}).get("suspend"):
+            return None
+        desired = int((job.get("spec") or {}).get("completions") or 1)
+        created = parse_time((job.get("metadata") or {}).get("creationTimestamp"))
+        if len(pods) >= desired or created is None or (_now() - created).total_seconds() < FAILED_CREATE_GRACE:
+            state.failed_create = None
+            return None
+        now = time.monotonic()
+        if now - state.failed_create_checked < FAILED_CREATE_RECHECK:
+            return state.failed_create
+        state.failed_create_checked = now
+        meta = job.get("metadata") or {}
+        selector = (f"involvedObject.kind=Job,involvedObject.name={meta.get('name')},reason=FailedCreate"
+                    + (f",involvedObject.uid={meta['uid']}" if meta.get("uid") else ""))
+        events = await self.kube.list("v1", "events", namespace, field_selector=selector)
+        latest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", default=None)
+        state.failed_create = (latest or {}).get("message")
+        return state.failed_create
 
     async def _delete_job(self, namespace: str, job_name: str, state: RunState, logger: logging.Logger) -> None:
         await self.kube.delete("batch/v1", "jobs", namespace, job_name, propagation="Background")
@@ -241,9 +309,10 @@ def _now() -> dt.datetime:
 
 
 def _owned_by(obj: dict, uid: str | None) -> bool:
+    """Is this run (uid) the object's controller? An object with no controller is nobody's run."""
     owners = (obj.get("metadata") or {}).get("ownerReferences") or []
     controller = next((o for o in owners if o.get("controller")), None)
-    return uid is None or controller is None or controller.get("uid") == uid
+    return controller is not None and (uid is None or controller.get("uid") == uid)
 
 
 def _trim(obj: dict) -> dict:
@@ -251,8 +320,8 @@ def _trim(obj: dict) -> dict:
     meta = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     return {
-        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "labels", "annotations",
-                                              "ownerReferences", "deletionTimestamp") if meta.get(k) is not None},
+        "metadata": {k: meta.get(k) for k in ("name", "namespace", "uid", "labels", "annotations", "ownerReferences",
+                                              "creationTimestamp", "deletionTimestamp") if meta.get(k) is not None},
         "spec": {k: spec[k] for k in ("suspend", "completions", "parallelism") if k in spec},
         "status": dict(obj.get("status") or {}),
     }
@@ -361,6 +430,8 @@ def setup(registry: kopf.OperatorRegistry, controller: Controller) -> Controller
                 scrape_at = time.monotonic() + cfg.progress_interval
             await _sleep(state.wake, stopped, min(reconcile_at, scrape_at) - time.monotonic())
         if stopped.reason is not None and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
-            await controller.delete_children(namespace, name, plain(body).get("status") or {}, jobs_by_run, logger)
+            raw = plain(body)
+            await controller.delete_children(namespace, name, (raw.get("metadata") or {}).get("uid"),
+                                             raw.get("status") or {}, jobs_by_run, logger)
 
     return controller

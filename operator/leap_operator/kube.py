@@ -161,17 +161,25 @@ class Kube:
             raise
 
     async def delete(self, api_version: str, plural: str, namespace: str, name: str,
-                     propagation: str = "Background") -> bool:
-        """Delete; False if it was already gone."""
+                     propagation: str = "Background", uid: str | None = None) -> bool:
+        """Delete; False if it was already gone (or, with `uid`, replaced by another object)."""
+        options: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation}
+        if uid:
+            options["preconditions"] = {"uid": uid}
         try:
-            await self.request("DELETE", path_for(api_version, plural, namespace, name),
-                               body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": propagation},
-                               resource=plural)
+            await self.request("DELETE", path_for(api_version, plural, namespace, name), body=options,
+                               resource=plural, retry_conflicts=not uid)
             return True
         except KubeError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (uid and exc.status == 409):
                 return False
             raise
+
+    async def list(self, api_version: str, plural: str, namespace: str, *, field_selector: str = "",
+                   label_selector: str = "") -> list[dict]:
+        params = {k: v for k, v in (("fieldSelector", field_selector), ("labelSelector", label_selector)) if v}
+        payload = await self.request("GET", path_for(api_version, plural, namespace), params=params, resource=plural)
+        return list((payload or {}).get("items") or [])
 
 
 def _text(value: str | bytes | None) -> str | None:

@@ -322,8 +322,8 @@ def render_job(run: dict, attempt: int = 1, config: OperatorConfig | None = None
         "suspend": bool(spec["runPolicy"]["suspend"] or queue),
         "template": render_pod_template(run, attempt, config),
     }
-    if spec["runPolicy"].get("activeDeadlineSeconds"):
-        job_spec["activeDeadlineSeconds"] = spec["runPolicy"]["activeDeadlineSeconds"]
+    # No Job activeDeadlineSeconds: the run's deadline spans attempts and may be raised while
+    # the run runs, so the operator alone keeps it (a Job's own clock restarts per attempt).
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -31,6 +31,7 @@ TERMINAL = (SUCCEEDED, FAILED)
 VALID, CREATED, C_RUNNING, C_RESTARTING, C_SUSPENDED, C_SUCCEEDED, C_FAILED = (
     "Valid", "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 SCHEDULED = "Scheduled"  # every worker pod of the attempt is bound to a node (False: why not)
+PODS_CREATED = "PodsCreated"  # set False (with the Job controller's message) when it cannot create pods
 PHASE_CONDITION = {RUNNING: C_RUNNING, RESTARTING: C_RESTARTING, SUSPENDED: C_SUSPENDED,
                    SUCCEEDED: C_SUCCEEDED, FAILED: C_FAILED}
 
@@ -41,7 +42,13 @@ R_DEADLINE = "DeadlineExceeded"
 R_COMPLETED = "JobCompleted"
 R_ATTEMPT_FAILED = "AttemptFailed"
 R_QUEUED = "Queued"
+R_PREEMPTED = "Preempted"
 R_UNSCHEDULABLE = "Unschedulable"
+R_FAILED_CREATE = "FailedCreate"
+R_REJECTED = "Rejected"          # the API server refused a child object for good (422, 400)
+R_REFUSED = "CreateRefused"      # ... or for now (403: quota, RBAC, an admission webhook)
+R_NAME_TAKEN = "NameTaken"       # an object of that name exists and is not this run's
+FAILED_CREATE_RECHECK = 5.0      # seconds between looks at the Job's FailedCreate Events
 R_STARTING = "PodsStarting"
 
 DEFAULT_BACKOFF_BASE = 10.0
@@ -196,12 +203,14 @@ def worker_counts(spec: dict, job: dict | None, pods: list[dict]) -> dict:
 
 def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.datetime, *,
                    problems: list | None = None, backoff_base: float = DEFAULT_BACKOFF_BASE,
-                   backoff_max: float = DEFAULT_BACKOFF_MAX) -> Decision:
+                   backoff_max: float = DEFAULT_BACKOFF_MAX, pods_not_created: str | None = None) -> Decision:
     """The run's new status and the next action.
 
     run: the TrainingRun (spec defaulted; status = the last status written);
     job: this attempt's Job (status.attempt, default 1), or None if it does not exist;
-    pods: the pods of this attempt; problems: validate_run()'s result (empty: valid).
+    pods: the pods of this attempt; problems: validate_run()'s result (empty: valid);
+    pods_not_created: the Job controller's last FailedCreate message for this attempt's Job, if
+    it could not create some of its pods (a missing PriorityClass, a quota, Pod Security...).
     """
     spec = run.get("spec") if isinstance(run.get("spec"), dict) else {}
     old = dict(run.get("status") or {}) if isinstance(run.get("status"), dict) else {}
@@ -272,8 +281,13 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     # Deadline: counted from the run's first start, across attempts.
     deadline = policy.get("activeDeadlineSeconds")
     started = parse_time(old.get("startTime"))
-    if _job_condition(job, "Failed") and (_job_condition(job, "Failed").get("reason") == R_DEADLINE):
-        return finish(FAILED, R_DEADLINE, f"attempt {attempt} ran past activeDeadlineSeconds={deadline}")
+    # A Job's own deadline (Jobs rendered before the operator kept the only deadline): since
+    # Kubernetes 1.31 the Job controller says FailureTarget first, Failed once its pods are gone.
+    # Either way it is the deadline, not a worker failure: no restart.
+    for type_ in ("Failed", "FailureTarget"):
+        if (_job_condition(job, type_) or {}).get("reason") == R_DEADLINE:
+            return finish(FAILED, R_DEADLINE, f"attempt {attempt} ran past activeDeadlineSeconds={deadline}",
+                          action="stop" if not _job_finished(job) else "none")
     if deadline and started is not None:
         left = (started + dt.timedelta(seconds=int(deadline)) - now).total_seconds()
         if left <= 0:
@@ -313,7 +327,10 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
             new["startTime"] = fmt_time(now)
         return finish(SUCCEEDED, R_COMPLETED, f"all {new['workers']['desired']} workers finished (attempt {attempt})")
 
-    failure = attempt_failure(job, pods)
+    # A suspended Job (Kueue preempting it, or our own suspend) has its pods deleted, and the
+    # kubelet moves them to Failed on the way out: that is not a worker failure.
+    job_suspended = bool((job.get("spec") or {}).get("suspend"))
+    failure = attempt_failure(job, pods) if not job_suspended or _job_condition(job, "Failed") else None
     if failure:
         why, detail = failure
         if restarts < backoff_limit:
@@ -328,9 +345,12 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
                       f"attempt {attempt} failed ({detail}) and backoffLimit={backoff_limit} restarts are used up",
                       action="stop" if still_running else "none")
 
-    if (job.get("spec") or {}).get("suspend"):
+    if job_suspended:
         queue = (spec.get("scheduling") or {}).get("queueName")
         if queue:
+            if new.get("startTime"):  # it ran, and its queue took the nodes back
+                return finish(PENDING, R_PREEMPTED, f"preempted: queue {queue} suspended the Job; "
+                              f"it resumes (from its last checkpoint) when readmitted", requeue=requeue())
             return finish(PENDING, R_QUEUED, f"waiting for admission by queue {queue}", requeue=requeue())
         return finish(PENDING, "Resuming", "resuming the suspended Job", action="resume", requeue=requeue())
 
@@ -344,6 +364,9 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     elif pods and all((p.get("spec") or {}).get("nodeName") for p in pods) and len(pods) >= workers["desired"]:
         conds = set_condition(conds, SCHEDULED, True, "PodsScheduled",
                               f"all {workers['desired']} worker pods are bound to nodes", now)
+    missing = len([p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]) < workers["desired"]
+    if get_condition(conds, PODS_CREATED) is not None and (not missing or running >= workers["desired"]):
+        conds = set_condition(conds, PODS_CREATED, True, "PodsCreated", "the Job created its pods", now)
     if running >= workers["desired"] > 0:
         if not new.get("startTime"):
             new["startTime"] = fmt_time(now)
@@ -352,13 +375,47 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
         return finish(RUNNING, "WorkersActive",
                       f"{running}/{workers['desired']} workers running (attempt {attempt})",
                       requeue=requeue())
+    if pods_not_created and missing:
+        conds = set_condition(conds, PODS_CREATED, False, R_FAILED_CREATE, pods_not_created, now)
+        return finish(PENDING, R_FAILED_CREATE, f"the Job cannot create its pods: {pods_not_created}",
+                      requeue=requeue(FAILED_CREATE_RECHECK))
+    # Pods still missing: look again, for the Job controller reports failures to create them
+    # only as Events (which wake nobody).
+    recheck = FAILED_CREATE_RECHECK if missing else None
     if stuck:
         return finish(PENDING, R_UNSCHEDULABLE, f"waiting for nodes: pod {stuck[0]}: {stuck[1]}", requeue=requeue())
     if workers["active"] > 0:
         return finish(PENDING, R_STARTING, f"{running}/{workers['desired']} worker pods running (attempt {attempt})",
-                      requeue=requeue())
+                      requeue=requeue(recheck))
     return finish(PENDING, "JobCreated", f"Job {new['jobName']} created; waiting for its pods",
-                  requeue=requeue())
+                  requeue=requeue(recheck))
+
+
+def refused(run: dict, kind: str, name: str, code: int, message: str, now: dt.datetime) -> Decision:
+    """The API server refused to create this run's `kind` `name`: what the run says.
+
+    422 and 400 will not change on a retry: the run fails, saying why. Anything else (403 from
+    a quota, RBAC or an admission webhook; 409 from a stranger's object of that name) may clear:
+    the run stays Pending with a condition naming the refusal, and the operator tries again."""
+    old = dict(run.get("status") or {})
+    conds = [dict(c) for c in old.get("conditions") or [] if isinstance(c, dict)]
+    new = {**old}
+    if code == 409:
+        reason, text = R_NAME_TAKEN, (f"{kind} {name} exists and is not this run's (no controller ownerReference "
+                                      f"to it); Leap neither adopts nor deletes it: rename or remove it")
+    else:
+        reason, text = (R_REJECTED if code in (400, 422) else R_REFUSED), f"{kind} {name}: {code} {message}"
+    conds = set_condition(conds, CREATED, False, reason, text[:1024], now)
+    if reason == R_REJECTED:
+        new.update(phase=FAILED, reason=reason, message=text[:1024], completionTime=old.get("completionTime") or fmt_time(now))
+        conds = set_condition(conds, C_FAILED, True, reason, text[:1024], now)
+    else:
+        new.update(phase=old.get("phase") or PENDING, reason=reason, message=text[:1024])
+    new["conditions"] = conds
+    decision = Decision(status=new, reason=reason, message=text)
+    if (get_condition(old.get("conditions"), CREATED) or {}).get("reason") != reason:
+        decision.events = [("Warning", reason, text[:1024])]
+    return decision
 
 
 def _job_finished(job: dict) -> bool:

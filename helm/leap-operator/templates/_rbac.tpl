@@ -27,7 +27,7 @@
 # Events: kopf's and the operator's own.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]  # list: the Job controller's FailedCreate Events
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
