@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from leap_operator.local.plan import WorkerPlan
+from leap_trainer.contract import EXIT_CONFIG, EXIT_FAILED
 
 POLL_SECONDS = 0.1
 
@@ -187,13 +188,14 @@ class Events(Protocol):
     def attempt_started(self, attempt: int, workers: list[Worker]) -> None: ...
     def attempt_failed(self, attempt: int, message: str, log_tail: str, retry_in: float | None) -> None: ...
     def tick(self, workers: list[Worker]) -> None: ...
+    def stopping(self, workers: list[Worker], grace_seconds: float) -> None: ...
 
 
 @dataclass
 class Outcome:
     succeeded: bool
     attempts: int
-    reason: str                    # Succeeded | BackoffLimitExceeded | DeadlineExceeded | Interrupted | StartFailed
+    reason: str                    # Succeeded | BackoffLimitExceeded | ConfigError | DeadlineExceeded | Interrupted | StartFailed
     message: str
     exit_code: int                 # of `leap run`
     last_workers: list[Worker] | None = None
@@ -238,6 +240,8 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
         except BaseException:
             stop_workers(workers, 0)  # whatever went wrong here, leave no worker behind
             raise
+        if result.interrupted_by is not None and any(w.group_alive() for w in workers):
+            events.stopping(workers, grace_seconds)
         stop_workers(workers, 0 if result.succeeded else grace_seconds, stop)
         if result.succeeded:
             return Outcome(True, attempt, "Succeeded", f"all workers succeeded in attempt {attempt}", 0, workers)
@@ -251,6 +255,13 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
         failed = result.failed_worker
         message = f"attempt {attempt}: {failed.plan.label} {describe_exit(result.exit_code)}"
         tail = log_tail(failed.plan.log_path)
+        if result.exit_code == EXIT_CONFIG:
+            # leap-train refused its configuration: the same configuration fails the same way again.
+            events.attempt_failed(attempt, message, tail, None)
+            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+            return Outcome(False, attempt, "ConfigError",
+                           f"{failed.plan.label} refused its configuration (exit code {EXIT_CONFIG}), so it is not "
+                           f"retried: {last.strip()} (log: {failed.plan.log_path})", EXIT_FAILED, workers)
         if attempt > backoff_limit:
             events.attempt_failed(attempt, message, tail, None)
             return Outcome(False, attempt, "BackoffLimitExceeded",
