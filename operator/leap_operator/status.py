@@ -40,6 +40,8 @@ R_DEADLINE = "DeadlineExceeded"
 R_COMPLETED = "JobCompleted"
 R_ATTEMPT_FAILED = "AttemptFailed"
 R_QUEUED = "Queued"
+R_CONFIG = "ConfigError"            # a trainer exited with contract.EXIT_CONFIG: no restart
+JOB_POD_FAILURE_POLICY = "PodFailurePolicy"  # the Job's Failed reason when render's FailJob rule matched
 
 DEFAULT_BACKOFF_BASE = 10.0
 DEFAULT_BACKOFF_MAX = 300.0
@@ -154,6 +156,25 @@ def attempt_failure(job: dict | None, pods: list[dict]) -> tuple[str, str] | Non
     if failed:
         return "WorkerFailed", f"{failed} worker pod(s) failed"
     return None
+
+
+def config_error_message(job: dict | None, pods: list[dict]) -> str | None:
+    """Why the attempt failed for good, when a worker refused its configuration (the Job's
+    podFailurePolicy rule on contract.EXIT_CONFIG matched); None otherwise."""
+    cond = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    if not cond or cond.get("reason") != JOB_POD_FAILURE_POLICY:
+        return None
+    for pod in sorted(pods, key=lambda p: pod_index(p) if pod_index(p) is not None else 1 << 30):
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") != contract.EXIT_CONFIG:
+                continue
+            lines = [line.strip() for line in (terminated.get("message") or "").splitlines() if line.strip()]
+            line = next((l for l in reversed(lines) if l.startswith(contract.CONFIG_ERROR_PREFIX)),
+                        lines[-1] if lines else "")
+            name = (pod.get("metadata") or {}).get("name", "?")
+            return f"pod {name} refused its configuration (exit code {contract.EXIT_CONFIG})" + (f": {line}" if line else "")
+    return cond.get("message") or f"a worker exited with code {contract.EXIT_CONFIG} (configuration error)"
 
 
 def worker_counts(spec: dict, job: dict | None, pods: list[dict]) -> dict:
@@ -290,6 +311,13 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
         if not new.get("startTime"):
             new["startTime"] = fmt_time(now)
         return finish(SUCCEEDED, R_COMPLETED, f"all {new['workers']['desired']} workers finished (attempt {attempt})")
+
+    config_error = config_error_message(job, pods)
+    if config_error:
+        still_running = new["workers"]["active"] > 0 and not _job_finished(job)
+        return finish(FAILED, R_CONFIG, f"attempt {attempt} failed and is not restarted: {config_error}; "
+                                        "fix the spec and create the run again",
+                      action="stop" if still_running else "none")
 
     failure = attempt_failure(job, pods)
     if failure:
