@@ -14,12 +14,26 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "render": ("leap_operator.cmd_render", "print the objects the operator would create for a TrainingRun"),
     "operator": ("leap_operator.cmd_operator", "run the operator (kopf)"),
     "run": ("leap_operator.local.cmd_run", "run a TrainingRun on this machine, no cluster needed"),
+    "runs": ("leap_operator.local.cmd_runs", "list the local runs of `leap run`: phase, progress, run directory"),
+    "logs": ("leap_operator.local.cmd_logs", "print (or --follow) a local run's worker output"),
 }
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as installed
+        return installed("leap")
+    except Exception:  # not installed (a source checkout on PYTHONPATH)
+        from leap_operator import __version__
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="leap", description="Leap: accelerated training on Kubernetes.")
+    parser = argparse.ArgumentParser(
+        prog="leap", description="Leap: accelerated training on Kubernetes.",
+        epilog="exit status: 0 ok, 1 a run failed, 2 invalid input (nothing was started), 130 interrupted")
+    parser.add_argument("--version", action="version", version=f"leap {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((arg for arg in argv if arg in SUBCOMMANDS), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
