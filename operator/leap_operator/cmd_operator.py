@@ -69,6 +69,17 @@ def _drop_routine_successes(record: logging.LogRecord) -> bool:
     return not _ROUTINE_SUCCESS.match(record.getMessage())
 
 
+def _one_line_probe_failures(record: logging.LogRecord) -> bool:
+    """A failed liveness probe (the API server is away) is one log line, not two tracebacks: kopf's
+    own line keeps its message, and aiohttp's "Error handling request" for the 500 it answers goes."""
+    if record.name == "aiohttp.server" and record.exc_info and record.exc_info[0] is not None \
+            and record.exc_info[0].__name__ == "ActivityError":
+        return False
+    if record.name.startswith("kopf.activities.prob"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def make_settings(args: argparse.Namespace):
     import kopf
 
@@ -207,6 +218,8 @@ def _run(args: argparse.Namespace) -> int:
 
     kopf.configure(verbose=args.verbose, debug=args.verbose)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_one_line_probe_failures)
+    logging.getLogger("kopf.activities.probe").addFilter(_one_line_probe_failures)
     if not args.verbose:
         logging.getLogger("kopf.objects").addFilter(_drop_routine_successes)
     config = handlers.ControllerConfig(backoff_base=args.restart_backoff, backoff_max=args.restart_backoff_max,
@@ -214,13 +227,13 @@ def _run(args: argparse.Namespace) -> int:
     registry = kopf.OperatorRegistry()
     controller = handlers.setup(registry, handlers.Controller(config))
 
-    @kopf.on.probe(id="apiServer", registry=registry)
+    @kopf.on.probe(id="apiServer", errors=kopf.ErrorsMode.PERMANENT, registry=registry)
     async def api_server(**_):
         # Liveness follows the API server: kopf answers 500 on /healthz while this raises.
         info = controller.kube.info if controller.kube is not None else None
         status, why = await probe_api(info) if info is not None else (0, "not logged in yet")
         if status == 0:
-            raise RuntimeError(f"the Kubernetes API server is unreachable: {why}")
+            raise kopf.PermanentError(f"the Kubernetes API server is unreachable: {why}")
         return "reachable"
     # The operator keeps many long-lived objects (kopf's per-object memories, indexes, a task
     # per run). Python's full collections walk all of them and stalled reconciles for 100s of ms
