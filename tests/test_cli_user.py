@@ -88,6 +88,18 @@ def test_yaml_1_2_numbers_in_files_and_through_set(tmp_path, capsys):
     assert validate_run(changed) == []
 
 
+def test_render_output_reads_back_the_same_under_yaml_1_2(tmp_path, capsys):
+    from leap_operator.yamlio import load_all
+    doc = yaml.safe_load(RUN)
+    doc["spec"]["env"] = [{"name": "SCALE", "value": "1e3"}, {"name": "MODE", "value": "0o17"}]
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli.main(["render", str(path)]) == 0
+    text = capsys.readouterr().out
+    env = {e["name"]: e["value"] for e in load_all(text, "rendered")[1]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["SCALE"] == "1e3" and env["MODE"] == "0o17"  # strings, as kubectl will read them
+
+
 def test_duplicate_keys_are_refused_naming_the_key_and_both_lines(tmp_path):
     path = tmp_path / "dup.yaml"
     path.write_text(RUN.replace("  workers: 1\n", "  workers: 1\n  workers: 3\n"))

@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
 from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_file
 from leap_operator.config import OperatorConfig
 from leap_operator.render import render_children
 from leap_operator.validation import validate_run
+from leap_operator.yamlio import dump_all
 from leap_trainer.contract import EXIT_INVALID, EXIT_OK
 
 
@@ -61,5 +60,5 @@ def run(args: argparse.Namespace) -> int:
         import json
         sys.stdout.write(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2) + "\n")
     else:
-        sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=120))
+        sys.stdout.write(dump_all(objects))
     return EXIT_OK

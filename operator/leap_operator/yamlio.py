@@ -96,3 +96,25 @@ def load_one(text: str, source: str) -> Any:
 
 def iter_documents(text: str, source: str) -> Iterator[Any]:
     yield from load_all(text, source)
+
+
+def dump_all(documents: list) -> str:
+    """YAML that kubectl reads back as the same values: PyYAML already quotes strings that YAML 1.1
+    would take for something else (yes, 012); this also quotes those YAML 1.2 would (1e3, 0o17)."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    def represent_str(dumper, value: str):
+        style = None
+        if value and value[0] in "0123456789+-.":
+            try:
+                if not isinstance(_yaml().load(value), str):
+                    style = '"'
+            except YAMLError:
+                pass
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    Dumper.add_representer(str, represent_str)
+    return yaml.dump_all(documents, Dumper=Dumper, sort_keys=False, width=120)
