@@ -90,7 +90,7 @@ def test_yaml_1_2_numbers_in_files_and_through_set(tmp_path, capsys):
 
 def test_render_output_reads_back_the_same_under_yaml_1_2(tmp_path, capsys):
     from leap_operator.yamlio import load_all
-    doc = yaml.safe_load(RUN)
+    doc = load_all(RUN, "RUN")[0]
     doc["spec"]["env"] = [{"name": "SCALE", "value": "1e3"}, {"name": "MODE", "value": "0o17"}]
     path = tmp_path / "env.yaml"
     path.write_text(yaml.safe_dump(doc))
