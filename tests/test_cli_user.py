@@ -218,6 +218,12 @@ def test_the_job_fails_for_good_on_the_config_exit_code_and_the_status_says_why(
                                           f"configuration (exit code {EXIT_CONFIG}): {line}; fix the spec and "
                                           "create the run again")
 
+    # The pod may be seen failed before the Job controller applies the rule: no restart either;
+    # the other worker, still running, is stopped.
+    running_job = {**failed_job, "status": {"active": 1, "failed": 0, "conditions": []}}
+    early = status.compute_status(run, running_job, [pod], dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc))
+    assert (early.status["phase"], early.status["reason"], early.action) == ("Failed", status.R_CONFIG, "stop")
+
 
 # --- run directories: one owner, checkpoints kept ----------------------------------------------------
 
@@ -502,9 +508,11 @@ def test_operator_without_credentials_or_api_server_says_so_in_one_line(tmp_path
     no_traceback(nothing.stderr, missing.stderr, unreachable.stderr, busy.stderr)
 
 
-def test_operator_liveness_fails_while_the_api_server_is_unreachable(tmp_path):
+def test_operator_fails_a_run_for_good_on_a_config_error_and_liveness_follows_the_api_server(tmp_path):
+    # One operator for both: starting one costs seconds.
     from emulator import Emulator, OperatorProcess, Proxy
     from emulator import wait_for as poll
+    from test_operator import gpu_run, phase
 
     def healthz(op: OperatorProcess) -> int:
         try:
@@ -515,12 +523,32 @@ def test_operator_liveness_fails_while_the_api_server_is_unreachable(tmp_path):
         except OSError:
             return 0
 
+    ns, name = "live", "bad-data"
     with Emulator() as k8s:
-        k8s.create_namespace("live")
+        k8s.create_namespace(ns)
         proxy = Proxy(k8s).up()
-        op = OperatorProcess(k8s, tmp_path, ["live"], server=proxy.url, verbose=False).start()
+        op = OperatorProcess(k8s, tmp_path, [ns], server=proxy.url, verbose=False).start()
         try:
             op.wait_ready()
+            # A worker exits with the config code: the Job controller applies the FailJob rule.
+            k8s.create_run(gpu_run(name, ns, runPolicy={"backoffLimit": 3}))
+            job = poll(lambda: k8s.get("batch/v1/jobs", ns, f"{name}-a1"), message="attempt 1's Job")
+            assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [EXIT_CONFIG]
+            pods = k8s.start_pods(job, "Running")
+            line = f"{contract.CONFIG_ERROR_PREFIX}spec.workload.dataset: file '/data/x.npz' does not exist here"
+            k8s.patch("v1/pods", ns, pods[0]["metadata"]["name"], {"status": {"phase": "Failed", "containerStatuses": [
+                {"name": CONTAINER, "state": {"terminated": {"exitCode": EXIT_CONFIG, "message": line + "\n"}}}]}},
+                "status")
+            k8s.set_job_status(ns, f"{name}-a1", {"active": 0, "failed": 1, "conditions": [
+                {"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                 "message": "Container trainer for pod live/bad-data-a1-0 failed with exit code 78"}]})
+            poll(lambda: phase(k8s, ns, name) == "Failed", message="the run Failed")
+            run = k8s.run(ns, name)
+            assert run["status"]["reason"] == "ConfigError" and run["status"]["restarts"] == 0
+            assert line in run["status"]["message"]
+            time.sleep(1)  # a restart would have created attempt 2's Job by now (backoff 0.2s)
+            assert k8s.get("batch/v1/jobs", ns, f"{name}-a2") is None
+
             proxy.down()
             poll(lambda: healthz(op) == 500, 40, 0.5, "/healthz to fail while the API server is away")
             proxy.up()

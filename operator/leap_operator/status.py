@@ -159,11 +159,9 @@ def attempt_failure(job: dict | None, pods: list[dict]) -> tuple[str, str] | Non
 
 
 def config_error_message(job: dict | None, pods: list[dict]) -> str | None:
-    """Why the attempt failed for good, when a worker refused its configuration (the Job's
-    podFailurePolicy rule on contract.EXIT_CONFIG matched); None otherwise."""
-    cond = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
-    if not cond or cond.get("reason") != JOB_POD_FAILURE_POLICY:
-        return None
+    """Why the attempt failed for good, when a worker refused its configuration: its container
+    exited with contract.EXIT_CONFIG (seen on the pod, which may come before the Job's condition),
+    or the Job failed by the podFailurePolicy rule render.py gives it for that code. None otherwise."""
     for pod in sorted(pods, key=lambda p: pod_index(p) if pod_index(p) is not None else 1 << 30):
         for container in (pod.get("status") or {}).get("containerStatuses") or []:
             terminated = (container.get("state") or {}).get("terminated") or {}
@@ -174,7 +172,10 @@ def config_error_message(job: dict | None, pods: list[dict]) -> str | None:
                         lines[-1] if lines else "")
             name = (pod.get("metadata") or {}).get("name", "?")
             return f"pod {name} refused its configuration (exit code {contract.EXIT_CONFIG})" + (f": {line}" if line else "")
-    return cond.get("message") or f"a worker exited with code {contract.EXIT_CONFIG} (configuration error)"
+    cond = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    if cond and cond.get("reason") == JOB_POD_FAILURE_POLICY:
+        return cond.get("message") or f"a worker exited with code {contract.EXIT_CONFIG} (configuration error)"
+    return None
 
 
 def worker_counts(spec: dict, job: dict | None, pods: list[dict]) -> dict:
