@@ -459,6 +459,46 @@ def test_the_live_table_fits_80_columns_and_starts_without_attempt_0(tmp_path):
     assert "attempt 0/" not in text and "attempt 1/1" in text
 
 
+def test_the_distillation_phase_is_shown_from_the_trainers_log(tmp_path):
+    from io import StringIO
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from leap_operator.local.display import PlainDisplay, RunInfo, distillation_phase
+    from leap_operator.local.scrape import ProgressMonitor
+
+    torch_log = ("leap-train: metrics on :9400/metrics (rank 0)\n"
+                 "leap-train: teacher: mlp-large, 31 steps of 128 x 1 on CPU (AMD EPYC, 2 threads)\n"
+                 "leap-train: epoch 1/1: step 31, loss 0.3685, test accuracy 0.8660\n")
+    assert distillation_phase("") is None
+    assert distillation_phase(torch_log) == "teacher (1/3)"
+    assert distillation_phase(torch_log + "leap-train: student-alone: mlp, 31 steps of 128 x 1\n") == "student alone (2/3)"
+    assert distillation_phase(torch_log + "leap-train: student-distilled: mlp, 31 steps\n") == "distilled student (3/3)"
+    assert distillation_phase("leap-train: teacher loaded from /c/teacher.pt\n") == "student alone (2/3)"
+    keras = "[leap-train tensorflow] strategy default: one device; 1 replica(s)\n"
+    assert distillation_phase(keras) is None
+    assert distillation_phase(keras + "[leap-train tensorflow] teacher: 31 steps, test accuracy 0.8600, 900 samples/s\n") \
+        == "student alone (2/3)"
+    assert distillation_phase("[leap-train tensorflow] student-alone: 31 steps, test accuracy 0.8\n") \
+        == "distilled student (3/3)"
+
+    log = tmp_path / "worker-0.log"
+    log.write_text(torch_log)
+    worker = SimpleNamespace(index=0, plan=SimpleNamespace(log_path=log), poll=lambda: None)
+    text = StringIO()
+    info = RunInfo(name="d", framework="pytorch", workers=1, procs_per_worker=1, device="cpu", epochs=1,
+                   max_attempts=1, distillation=True)
+    display = PlainDisplay(Console(file=text, width=200), info, ProgressMonitor())
+    display.workers = [worker]
+    display.after_poll({})
+    log.write_text(torch_log + "leap-train: student-alone: mlp, 31 steps of 128 x 1\n")
+    display.after_poll({})
+    display.after_poll({})
+    assert text.getvalue().splitlines() == ["distillation: training the teacher (1/3)",
+                                            "distillation: training the student alone (2/3)"]
+
+
 # --- leap operator: one line, not a traceback -------------------------------------------------------
 
 def operator(env_changes: dict, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:

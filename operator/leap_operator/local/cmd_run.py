@@ -203,6 +203,7 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     try:
         first = plans_for(1)  # env problems (e.g. a Secret) surface before anything is created
         step = checkpoint_step(run_dir) if args.resume and has_checkpoint(run_dir) else None
+        args.deleting = args.fresh and has_checkpoint(run_dir)
         prepare(run_dir.path, name, resume=args.resume, fresh=args.fresh)
     except CheckpointsExist as exc:
         command = " ".join(shlex.quote(a) for a in ["leap", *sys.argv[1:]]) if sys.argv[1:2] == ["run"] \
@@ -243,7 +244,7 @@ def _start(args, out: Console, err: Console, run_dir: RunDir, run_obj: dict, doc
     elif args.resume:
         out.print(f"starting fresh: nothing to resume (no checkpoints in {run_dir.checkpoints})", markup=False)
     else:
-        out.print("starting fresh" + (" (earlier checkpoints deleted: --fresh)" if args.fresh else ""), markup=False)
+        out.print("starting fresh" + (" (earlier checkpoints deleted: --fresh)" if args.deleting else ""), markup=False)
     out.print(f"run directory: {run_dir.path}", markup=False)
     for plan in first:
         urls = ", ".join(f"http://127.0.0.1:{port}/metrics" for port in plan.metrics_ports)
@@ -253,7 +254,8 @@ def _start(args, out: Console, err: Console, run_dir: RunDir, run_obj: dict, doc
 
     info = RunInfo(name=name, framework=spec["framework"], workers=workers, procs_per_worker=procs,
                    device=device.used, epochs=workload.get("epochs"),
-                   max_attempts=spec["runPolicy"]["backoffLimit"] + 1)
+                   max_attempts=spec["runPolicy"]["backoffLimit"] + 1,
+                   distillation=workload.get("kind") == "distillation")
     status = StatusWriter(run_dir, name=name, file=args.file, workers=workers, max_attempts=info.max_attempts)
     display = make_display(out, info, ProgressMonitor(), live=out.is_terminal and not args.plain,
                            stream=args.stream, status=status)

@@ -7,6 +7,7 @@ from the trainer's JSON summary, with the test accuracy on its own line.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class RunInfo:
     device: str                  # what the workers run on
     epochs: int | None
     max_attempts: int
+    distillation: bool = False   # a distillation workload: show which of its three phases is training
 
 
 def progress_line(label: str, p: dict, epochs: int | None) -> str:
@@ -66,6 +68,32 @@ def progress_line(label: str, p: dict, epochs: int | None) -> str:
     return " ".join(parts)
 
 
+# Distillation trains three models in turn; leap-train names each phase in its log (PyTorch when
+# a phase starts, TensorFlow when one ends). The display shows which one is training.
+PHASES = (("teacher", "teacher"), ("student-alone", "student alone"), ("distilled", "distilled student"))
+_PHASE_STARTED = re.compile(r"^leap-train: (teacher|student-alone|student-distilled): ", re.M)
+_PHASE_ENDED = re.compile(r"^\[leap-train tensorflow\] (teacher|student-alone|distilled-student): \d+ steps", re.M)
+_TEACHER_LOADED = re.compile(r"^leap-train: teacher loaded from ", re.M)
+
+
+def distillation_phase(log_text: str) -> str | None:
+    """'teacher (1/3)', 'student alone (2/3)' or 'distilled student (3/3)' from worker 0's log."""
+    index = None
+    for match in re.finditer(f"{_PHASE_STARTED.pattern}|{_PHASE_ENDED.pattern}|{_TEACHER_LOADED.pattern}",
+                             log_text, re.M):
+        text = match.group(0)
+        if _TEACHER_LOADED.match(text):
+            index = 1  # a restart found the trained teacher: the student alone is next
+        elif started := _PHASE_STARTED.match(text):
+            index = ("teacher", "student-alone", "student-distilled").index(started.group(1))
+        else:
+            ended = _PHASE_ENDED.match(text).group(1)
+            index = min(("teacher", "student-alone", "distilled-student").index(ended) + 1, 2)
+    if index is None:
+        return None
+    return f"{PHASES[index][1]} ({index + 1}/3)"
+
+
 class BaseDisplay:
     def __init__(self, console: Console, info: RunInfo, monitor: ProgressMonitor, stream: bool = False,
                  status=None):
@@ -75,6 +103,7 @@ class BaseDisplay:
         self.stream, self.status = stream, status
         self._offsets: dict[int, int] = {}
         self._partial: dict[int, bytes] = {}
+        self.phase: str | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -84,6 +113,7 @@ class BaseDisplay:
         self.flush_streams(final=True)
         self.attempt, self.workers = attempt, workers
         self._offsets.clear()
+        self.phase = None
         self.monitor.reset()
         if self.status is not None:
             self.status.attempt(attempt)
@@ -100,6 +130,9 @@ class BaseDisplay:
             self.note(f"restarting all workers from the latest checkpoint in {retry_in:g}s "
                       f"(attempt {attempt + 1}/{self.info.max_attempts})")
 
+    def phase_changed(self, phase: str) -> None:
+        self.note(f"distillation: training the {escape(phase)}")
+
     def stopping(self, workers: list[Worker], grace_seconds: float) -> None:
         self.note(f"stopping {len(workers)} worker{'s' if len(workers) > 1 else ''}: waiting up to {grace_seconds:g}s "
                   "for them to exit (Ctrl-C again stops them at once)")
@@ -109,6 +142,12 @@ class BaseDisplay:
 
     def after_poll(self, latest: dict[int, dict]) -> None:
         self.flush_streams()
+        if self.info.distillation and self.workers:
+            from leap_operator.local.supervisor import log_tail
+            phase = distillation_phase(log_tail(self.workers[0].plan.log_path, lines=400))
+            if phase and phase != self.phase:
+                self.phase = phase
+                self.phase_changed(phase)
         if self.status is not None:
             self.status.progress(latest.get(0))
 
@@ -192,6 +231,8 @@ class LiveDisplay(BaseDisplay):
         where = (f"{info.framework} on {info.device}, {info.workers} worker{'s' if info.workers > 1 else ''}"
                  + (f" x {info.procs_per_worker} processes" if info.procs_per_worker > 1 else ""))
         state = f"attempt {self.attempt}/{info.max_attempts}" if self.attempt else "starting workers"
+        if self.phase:
+            state += f"  {self.phase}"
         title = Text.assemble((info.name, "bold"), f"  {state}  {where}", no_wrap=True, overflow="ellipsis")
         title.truncate(width, overflow="ellipsis")
         # Narrow terminals lose the least needed columns rather than wrapping rows.
