@@ -8,6 +8,8 @@ import importlib
 import os
 import sys
 
+from leap_trainer import contract
+
 # subcommand -> (module, one-line help). Each module defines add_arguments(parser) and run(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "crd": ("leap_operator.cmd_crd", "print the TrainingRun CustomResourceDefinition as YAML"),
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
         prog="leap", description="Leap: accelerated training on Kubernetes.",
-        epilog="exit status: 0 ok, 1 a run failed, 2 invalid input (nothing was started), 130 interrupted")
+        epilog=f"exit status: {contract.EXIT_OK} ok, {contract.EXIT_FAILED} a run failed, {contract.EXIT_INVALID} "
+               "invalid input (nothing was started), 130 interrupted (Ctrl-C)")
     parser.add_argument("--version", action="version", version=f"leap {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     chosen = next((arg for arg in argv if arg in SUBCOMMANDS), None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from leap_operator.local.plan import WorkerPlan
-from leap_trainer.contract import EXIT_CONFIG, EXIT_FAILED
+from leap_trainer.contract import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 
 POLL_SECONDS = 0.1
 
@@ -232,7 +232,7 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
                 workers.append(start_worker(plan))
         except WorkerStartError as exc:
             stop_workers(workers, grace_seconds, stop)
-            return Outcome(False, attempt, "StartFailed", str(exc), 1, workers)
+            return Outcome(False, attempt, "StartFailed", str(exc), EXIT_FAILED, workers)
         try:
             events.attempt_started(attempt, workers)
             result = watch(workers, stop, lambda: events.tick(workers), deadline)
@@ -244,14 +244,15 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
             events.stopping(workers, grace_seconds)
         stop_workers(workers, 0 if result.succeeded else grace_seconds, stop)
         if result.succeeded:
-            return Outcome(True, attempt, "Succeeded", f"all workers succeeded in attempt {attempt}", 0, workers)
+            return Outcome(True, attempt, "Succeeded", f"all workers succeeded in attempt {attempt}", EXIT_OK, workers)
         if result.interrupted_by is not None:
             name = signal.Signals(result.interrupted_by).name
             return Outcome(False, attempt, "Interrupted", f"stopped by {name}; all workers stopped",
                            128 + result.interrupted_by, workers)
         if result.deadline_exceeded:
             return Outcome(False, attempt, "DeadlineExceeded",
-                           f"runPolicy.activeDeadlineSeconds ({deadline_seconds}s) passed; all workers stopped", 1, workers)
+                           f"runPolicy.activeDeadlineSeconds ({deadline_seconds}s) passed; all workers stopped", EXIT_FAILED,
+                           workers)
         failed = result.failed_worker
         message = f"attempt {attempt}: {failed.plan.label} {describe_exit(result.exit_code)}"
         tail = log_tail(failed.plan.log_path)
@@ -266,7 +267,7 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
             events.attempt_failed(attempt, message, tail, None)
             return Outcome(False, attempt, "BackoffLimitExceeded",
                            f"{message}; runPolicy.backoffLimit ({backoff_limit}) restarts used up after {attempt} "
-                           f"attempt{'s' if attempt > 1 else ''} (log: {failed.plan.log_path})", 1, workers)
+                           f"attempt{'s' if attempt > 1 else ''} (log: {failed.plan.log_path})", EXIT_FAILED, workers)
         wait = backoff_seconds(attempt, backoff_base)
         events.attempt_failed(attempt, message, tail, wait)
         until = time.monotonic() + wait
