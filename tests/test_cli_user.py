@@ -493,7 +493,9 @@ def test_the_distillation_phase_is_shown_from_the_trainers_log(tmp_path):
     display.workers = [worker]
     display.after_poll({})
     log.write_text(torch_log + "leap-train: student-alone: mlp, 31 steps of 128 x 1\n")
+    display._phase_checked = 0.0  # (checked at most twice a second)
     display.after_poll({})
+    display._phase_checked = 0.0
     display.after_poll({})
     assert text.getvalue().splitlines() == ["distillation: training the teacher (1/3)",
                                             "distillation: training the student alone (2/3)"]

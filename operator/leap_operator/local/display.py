@@ -104,6 +104,7 @@ class BaseDisplay:
         self._offsets: dict[int, int] = {}
         self._partial: dict[int, bytes] = {}
         self.phase: str | None = None
+        self._phase_checked = 0.0
 
     # lifecycle -------------------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -142,7 +143,8 @@ class BaseDisplay:
 
     def after_poll(self, latest: dict[int, dict]) -> None:
         self.flush_streams()
-        if self.info.distillation and self.workers:
+        if self.info.distillation and self.workers and time.monotonic() - self._phase_checked >= 0.5:
+            self._phase_checked = time.monotonic()
             from leap_operator.local.supervisor import log_tail
             phase = distillation_phase(log_tail(self.workers[0].plan.log_path, lines=400))
             if phase and phase != self.phase:
