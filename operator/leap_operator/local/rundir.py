@@ -70,13 +70,15 @@ class CheckpointsExist(RunDirError):
                          + (f" (step {step})" if step is not None else ""))
 
 
-def _held_by(lock_path: Path) -> str:
+def _held_by(lock_path: Path) -> tuple[int | None, str]:
+    """(pid, "pid N, since TIME") of the `leap run` holding the lock, as far as its file says."""
     try:
         info = json.loads(lock_path.read_text() or "{}")
+        pid = int(info["pid"])
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
-        return f"pid {int(info['pid'])}, since {since}"
+        return pid, f"pid {pid}, since {since}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "pid unknown"
+        return None, "pid unknown"
 
 
 _HELD: dict[Path, int] = {}  # run directory -> fd of its lock, held until this process exits
@@ -90,10 +92,10 @@ def lock(path: Path, run_name: str) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        holder = _held_by(lock_path)
+        pid, holder = _held_by(lock_path)
+        stop = f"Ctrl-C there, or kill {pid}" if pid else "Ctrl-C there"
         raise RunDirError(f"{path} is in use by another `leap run` ({holder}); wait for it to finish, "
-                          f"stop it (Ctrl-C there, or kill {holder.split()[1].rstrip(',')}), or pass --workdir "
-                          "another directory") from None
+                          f"stop it ({stop}), or pass --workdir another directory") from None
     os.ftruncate(fd, 0)
     os.write(fd, (json.dumps({"run": run_name, "pid": os.getpid(), "started": time.time()}) + "\n").encode())
     _HELD[path] = fd
