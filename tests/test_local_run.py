@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from leap_trainer.contract import EXIT_CONFIG, EXIT_FAILED, EXIT_INVALID
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "manifests" / "examples"
 # The installed console script, as a user runs it (python -m when this Python has none beside it).
@@ -129,7 +131,7 @@ def test_invalid_file_gets_the_same_field_errors_as_leap_validate_and_nothing_st
     assert any(p.startswith("spec.accelerator.type:") for p in problems)
     for problem in problems:
         assert problem in ran.stderr
-    assert validate.returncode == ran.returncode == 1
+    assert validate.returncode == ran.returncode == EXIT_INVALID  # invalid: 2, failed: 1
     assert "nothing was started" in ran.stderr
     assert not workdir.exists()
 
@@ -150,13 +152,13 @@ def test_set_overrides_reach_the_workers_and_bad_paths_are_named(tmp_path):
     assert {e["RENDEZVOUS"] for e in envs} == {f"127.0.0.1:{envs[0]['MASTER_PORT']}"}
 
     into_scalar = leap("run", str(path), "--workdir", str(workdir), "--set", "spec.workers.count=2")
-    assert into_scalar.returncode == 1
+    assert into_scalar.returncode == EXIT_INVALID
     assert "--set spec.workers.count=2: spec.workers is" in into_scalar.stderr
     typo = leap("run", str(path), "--workdir", str(workdir), "--set", "spec.workerz=2")
-    assert typo.returncode == 1
+    assert typo.returncode == EXIT_INVALID
     assert "spec.workerz: unknown field; remove it (did you mean workers?) (from --set spec.workerz=2)" in typo.stderr
     no_value = leap("run", str(path), "--set", "spec.workers")
-    assert no_value.returncode == 1
+    assert no_value.returncode == EXIT_INVALID
     assert "--set spec.workers: expected PATH=VALUE" in no_value.stderr
 
 
@@ -184,7 +186,7 @@ def test_each_worker_gets_its_pod_env_with_local_addresses_ports_and_run_directo
 
 def test_tpu_run_explains_it_needs_a_tpu_host_unless_allowed_on_cpu(tmp_path):
     refused = leap("run", str(EXAMPLES / "keras-tpu.yaml"), "--workdir", str(tmp_path / "refused"))
-    assert refused.returncode == 1
+    assert refused.returncode == EXIT_INVALID
     assert "not a TPU host" in refused.stderr and "--allow-cpu" in refused.stderr
     assert not (tmp_path / "refused").exists()
 
@@ -276,7 +278,7 @@ def test_secret_env_needs_the_shell_to_provide_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
 
     missing = leap("run", str(path), "--workdir", str(tmp_path / "missing"), env=env)
-    assert missing.returncode == 1
+    assert missing.returncode == EXIT_INVALID
     assert "env HF_TOKEN: comes from Secret 'hf' key 'token'" in missing.stderr
     assert "export HF_TOKEN=" in missing.stderr
     assert not (tmp_path / "missing").exists()
@@ -292,7 +294,7 @@ def test_a_directory_leap_run_did_not_make_is_never_cleared(tmp_path):
     (precious / "chapter1.tex").write_text("years of work")
     path = write_run(tmp_path, unique_name("dir"), PRINT_ENV)
     done = leap("run", str(path), "--workdir", str(precious))
-    assert done.returncode == 1
+    assert done.returncode == EXIT_INVALID
     assert "is not empty and was not made by `leap run`" in done.stderr
     assert [p.name for p in precious.iterdir()] == ["chapter1.tex"]
 

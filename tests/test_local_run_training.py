@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from leap_trainer.contract import EXIT_INVALID
 from test_local_run import EXAMPLES, kill_run, leap, processes_of_run, start_leap, unique_name, wait_for
 
 pytestmark = pytest.mark.slow
@@ -79,14 +80,22 @@ def test_ctrl_c_stops_training_leaves_no_process_and_resume_continues(tmp_path):
         assert proc.returncode == 130, out + err
         assert processes_of_run(name) == []
         assert "stopped by SIGINT" in err and "--resume" in err
+        assert "stopping 1 worker: waiting up to 10s" in out  # said while Ctrl-C waits for the worker
+
+        # The same command again would mix or lose the checkpoints: refused, with both choices.
+        again = leap(*args)
+        assert again.returncode == EXIT_INVALID and (workdir / "checkpoints" / "latest.pt").exists()
+        step = int(re.search(r"holds checkpoints of an earlier run \(step (\d+)\)", again.stderr).group(1))
+        assert step >= 20 and " --resume    # continue from step" in again.stderr and " --fresh " in again.stderr
 
         resumed = leap(*args, "--resume")
     finally:
         proc.kill()
         kill_run(name)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from step {step} (checkpoints in {workdir / 'checkpoints'})" in resumed.stdout
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["resumed_from_step"] >= 20
+    assert summary["resumed_from_step"] == step
     assert summary["test_accuracy"] >= 0.90
 
 

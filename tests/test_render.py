@@ -66,7 +66,7 @@ def test_render_refuses_an_invalid_run(tmp_path, capsys):
     run["spec"]["workers"] = 0
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(run))
-    assert cli.main(["render", str(path)]) == 1
+    assert cli.main(["render", str(path)]) == contract.EXIT_INVALID
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "spec.workers: must be >= 1" in captured.err
@@ -314,6 +314,7 @@ def test_longest_allowed_name_still_gives_valid_hostnames():
     run = load("ddp-cpu")
     run["metadata"]["name"] = "r" * api.MAX_RUN_NAME
     run["spec"]["workers"] = 4096  # the schema's maximum
+    run["spec"]["workload"]["dataset"] = "synthetic"  # digits' 4,000 samples cannot feed 4,096 processes
     run["spec"]["runPolicy"] = {"backoffLimit": 100}  # attempts up to 101
     _, job = render_children(run, attempt=101)
     hostnames = env_of(job)[contract.ENV_WORKER_HOSTS].split(",")

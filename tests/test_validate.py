@@ -14,6 +14,7 @@ import yaml
 
 from leap_operator import cli
 from leap_operator.validation import InvalidRun, Problem, check_run, validate_run
+from leap_trainer.contract import EXIT_INVALID
 
 EXAMPLES = sorted(Path(__file__).resolve().parents[1].glob("manifests/examples/*.yaml"))
 
@@ -135,7 +136,7 @@ def test_there_are_at_least_25_bad_runs():
 @pytest.mark.parametrize("run, field, words", [case[1:] for case in BAD_RUNS], ids=[case[0] for case in BAD_RUNS])
 def test_leap_validate_rejects_bad_run_naming_the_field(tmp_path, capsys, run, field, words):
     code, out = _cli(tmp_path, capsys, run)
-    assert code == 1, out
+    assert code == EXIT_INVALID, out
     assert "INVALID" in out
     lines = [line.strip() for line in out.splitlines() if line.startswith("  ")]
     matching = [line for line in lines if line.startswith(field + ":")]
@@ -158,7 +159,7 @@ def test_multi_document_file_reports_each_document(tmp_path, capsys):
     good = copy.deepcopy(BASE)
     bad = variant(**{"metadata.name": "other", "spec.workers": 0})
     code, out = _cli(tmp_path, capsys, good, bad)
-    assert code == 1
+    assert code == EXIT_INVALID
     assert "#1 TrainingRun/demo: OK" in out
     assert "#2 TrainingRun/other: INVALID (1 problem)" in out
 
@@ -170,19 +171,19 @@ def test_other_kinds_in_the_file_are_skipped_but_a_file_without_runs_fails(tmp_p
     assert "PersistentVolumeClaim/ckpt: skipped" in out
     path = tmp_path / "only-claim.yaml"
     path.write_text(yaml.safe_dump(claim))
-    assert cli.main(["validate", str(path)]) == 1
+    assert cli.main(["validate", str(path)]) == EXIT_INVALID
     assert "no TrainingRun found" in capsys.readouterr().err
     typo = variant(**{"kind": "TrainingRunn"})
     code, out = _cli(tmp_path, capsys, typo)
-    assert code == 1 and "kind: must be TrainingRun" in out
+    assert code == EXIT_INVALID and "kind: must be TrainingRun" in out
 
 
 def test_unreadable_input_is_an_error(tmp_path, capsys):
     path = tmp_path / "broken.yaml"
     path.write_text("spec: [unclosed\n")
-    assert cli.main(["validate", str(path)]) == 1
+    assert cli.main(["validate", str(path)]) == EXIT_INVALID
     assert "not valid YAML" in capsys.readouterr().err
-    assert cli.main(["validate", str(tmp_path / "missing.yaml")]) == 1
+    assert cli.main(["validate", str(tmp_path / "missing.yaml")]) == EXIT_INVALID
     assert "cannot read" in capsys.readouterr().err
 
 
@@ -224,7 +225,7 @@ def test_shape_cannot_change_while_running(tmp_path, capsys, path, value):
     old.write_text(yaml.safe_dump(_started("Running")))
     new = variant(**{path: value})
     code, out = _cli(tmp_path, capsys, new, extra=("--old", str(old)))
-    assert code == 1, out
+    assert code == EXIT_INVALID, out
     field = path if path != "spec.workload.epochs" else "spec.workload"
     assert f"{field}: {field} cannot change once the run has started" in out
 

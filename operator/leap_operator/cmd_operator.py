@@ -1,15 +1,24 @@
 """`leap operator`: run the TrainingRun operator (kopf).
 
 Credentials: in-cluster service account, else kubeconfig ($KUBECONFIG or ~/.kube/config).
+Before starting, it checks what would otherwise fail later in kopf's retry loops, and says so in
+one line: no credentials (exit 2), a KUBECONFIG naming missing files (2), a port taken (2), an API
+server it cannot reach (1). Its liveness probe (/healthz) fails while the API server is
+unreachable, so the kubelet restarts an operator that lost its cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import os
 import re
+import socket
+import sys
+
+from leap_trainer.contract import EXIT_FAILED, EXIT_INVALID
 
 DEFAULT_METRICS_PORT = 8080
 DEFAULT_LIVENESS_PORT = 8081
@@ -60,6 +69,17 @@ def _drop_routine_successes(record: logging.LogRecord) -> bool:
     return not _ROUTINE_SUCCESS.match(record.getMessage())
 
 
+def _one_line_probe_failures(record: logging.LogRecord) -> bool:
+    """A failed liveness probe (the API server is away) is one log line, not two tracebacks: kopf's
+    own line keeps its message, and aiohttp's "Error handling request" for the 500 it answers goes."""
+    if record.name == "aiohttp.server" and record.exc_info and record.exc_info[0] is not None \
+            and record.exc_info[0].__name__ == "ActivityError":
+        return False
+    if record.name.startswith("kopf.activities.prob"):
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
 def make_settings(args: argparse.Namespace):
     import kopf
 
@@ -95,27 +115,149 @@ def make_settings(args: argparse.Namespace):
     return settings
 
 
+SERVICE_ACCOUNT_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+PROBE_TIMEOUT = 5.0
+
+
+class StartError(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def connection_info():
+    """kopf's ConnectionInfo for this environment, or StartError saying what is missing."""
+    import kopf
+
+    settings = kopf.OperatorSettings()
+    if not os.path.exists(SERVICE_ACCOUNT_TOKEN):
+        kubeconfig = os.environ.get("KUBECONFIG", "")
+        paths = [os.path.expanduser(p) for p in kubeconfig.split(os.pathsep) if p.strip()]
+        if paths and not any(os.path.exists(p) for p in paths):
+            raise StartError(f"KUBECONFIG names {', '.join(paths)}, which does not exist; point KUBECONFIG at a "
+                             "kubeconfig file (the one kubectl uses) or unset it", EXIT_INVALID)
+        if not paths and not os.path.exists(os.path.expanduser("~/.kube/config")):
+            raise StartError("no Kubernetes credentials: this is not a pod with a service account, KUBECONFIG is "
+                             "unset and ~/.kube/config does not exist; run the operator in the cluster "
+                             "(docs/install.md) or point KUBECONFIG at a kubeconfig", EXIT_INVALID)
+    try:
+        info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
+    except Exception as exc:  # a malformed kubeconfig: kopf's parser says what
+        raise StartError(f"cannot use the kubeconfig ({os.environ.get('KUBECONFIG') or '~/.kube/config'}): "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+                         "fix it (kubectl config view shows it) or point KUBECONFIG at another", EXIT_INVALID) from None
+    if info is None or not info.server:
+        raise StartError("the kubeconfig names no cluster server (no current-context?); "
+                         "`kubectl config use-context NAME` picks one", EXIT_INVALID)
+    return info
+
+
+async def probe_api(info, timeout: float = PROBE_TIMEOUT) -> tuple[int, str]:
+    """(HTTP status of GET /api, what went wrong); status 0: no answer at all."""
+    from leap_operator.kube import Kube, KubeError
+
+    kube = Kube(info=info, retries=0, timeout=timeout)
+    try:
+        answer = await kube.request("GET", "/api", resource="api")
+        if not isinstance(answer, dict) or answer.get("kind") != "APIVersions":
+            return 200, "it answers GET /api, but not as a Kubernetes API server does"
+        return 200, ""
+    except KubeError as exc:
+        if exc.status:
+            return exc.status, f"GET /api answered {exc.status} {exc.reason or exc.message}".strip()
+        cause = exc.__cause__
+        if isinstance(cause, asyncio.TimeoutError):
+            return 0, f"no answer within {timeout:g}s"
+        return 0, str(cause) if cause is not None and str(cause) else exc.message
+    except Exception as exc:  # TLS setup, a bad URL: unreachable all the same
+        return 0, str(exc) or type(exc).__name__
+    finally:
+        await kube.close()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def preflight(args: argparse.Namespace):
+    for flag, port in (("--liveness-port", args.liveness_port), ("--metrics-port", args.metrics_port)):
+        if port and not _port_free(port):
+            raise StartError(f"cannot serve on port {port} ({flag}): the port is in use by another program; "
+                             f"choose another with {flag} PORT, or {flag} 0 to turn it off", EXIT_INVALID)
+    info = connection_info()
+    status, why = asyncio.run(probe_api(info))
+    if status in (401, 403):
+        raise StartError(f"the Kubernetes API server at {info.server} refused these credentials ({why}); "
+                         "renew them (kubectl auth whoami checks the same kubeconfig)", EXIT_INVALID)
+    if why:
+        raise StartError(f"cannot reach the Kubernetes API server at {info.server} ({why}); check that the "
+                         "cluster is up and reachable from here (kubectl cluster-info uses the same "
+                         "kubeconfig)", EXIT_FAILED)
+    return info
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        preflight(args)
+    except StartError as exc:
+        print(f"leap operator: error: {exc}", file=sys.stderr, flush=True)
+        return exc.code
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     import kopf
 
     from leap_operator import handlers, opmetrics
 
     kopf.configure(verbose=args.verbose, debug=args.verbose)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_one_line_probe_failures)
+    logging.getLogger("kopf.activities.probe").addFilter(_one_line_probe_failures)
     if not args.verbose:
         logging.getLogger("kopf.objects").addFilter(_drop_routine_successes)
     config = handlers.ControllerConfig(backoff_base=args.restart_backoff, backoff_max=args.restart_backoff_max,
                                        progress_interval=args.progress_interval)
     registry = kopf.OperatorRegistry()
-    handlers.setup(registry, handlers.Controller(config))
+    controller = handlers.setup(registry, handlers.Controller(config))
+
+    @kopf.on.probe(id="apiServer", errors=kopf.ErrorsMode.PERMANENT, registry=registry)
+    async def api_server(**_):
+        # Liveness follows the API server: kopf answers 500 on /healthz while this raises.
+        info = controller.kube.info if controller.kube is not None else None
+        status, why = await probe_api(info) if info is not None else (0, "not logged in yet")
+        if status == 0:
+            raise kopf.PermanentError(f"the Kubernetes API server is unreachable: {why}")
+        return "reachable"
     # The operator keeps many long-lived objects (kopf's per-object memories, indexes, a task
     # per run). Python's full collections walk all of them and stalled reconciles for 100s of ms
     # at 1,000 runs: freeze what start-up made, and collect the young generation less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
     if args.metrics_port:
-        opmetrics.serve(args.metrics_port)
+        try:
+            opmetrics.serve(args.metrics_port)
+        except OSError as exc:  # taken since preflight
+            print(f"leap operator: error: cannot serve metrics on port {args.metrics_port} ({exc.strerror}); "
+                  "choose another with --metrics-port PORT, or --metrics-port 0 to turn it off", file=sys.stderr)
+            return EXIT_INVALID
     namespaces = list(args.namespace)
+    try:
+        _kopf_run(kopf, args, registry, namespaces)
+    except Exception as exc:  # kopf gave up (its own log above says more): one line, not a traceback
+        print(f"leap operator: error: stopped: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}; "
+              "check the API server and this operator's RBAC (docs/operator.md)", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+def _kopf_run(kopf, args: argparse.Namespace, registry, namespaces: list[str]) -> None:
     kopf.run(
         registry=registry,
         settings=make_settings(args),
@@ -126,4 +268,3 @@ def run(args: argparse.Namespace) -> int:
         priority=args.priority,
         liveness_endpoint=f"http://0.0.0.0:{args.liveness_port}/healthz" if args.liveness_port else None,
     )
-    return 0

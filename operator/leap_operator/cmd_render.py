@@ -1,39 +1,48 @@
-"""`leap render FILE`: print, as YAML, exactly the objects the operator would create for a run."""
+"""`leap render FILE`: print, as YAML, exactly the objects the operator would create for a run.
+
+Exit status: 0 rendered, 2 (EXIT_INVALID) a file unreadable or a run invalid (nothing printed).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-import yaml
-
-from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_documents
+from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_file
 from leap_operator.config import OperatorConfig
 from leap_operator.render import render_children
 from leap_operator.validation import validate_run
+from leap_operator.yamlio import dump_all
+from leap_trainer.contract import EXIT_INVALID, EXIT_OK
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="TrainingRun YAML files (multi-document ok; - for stdin)")
     parser.add_argument("--attempt", type=int, default=1, help="attempt number to render (default 1)")
     parser.add_argument("-n", "--namespace", help="namespace for runs that do not set metadata.namespace")
+    parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml",
+                        help="yaml (default: documents, ready for kubectl apply -f -) or json (a List)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.attempt < 1:
         print("error: --attempt must be >= 1", file=sys.stderr)
-        return 1
-    try:
-        documents = list(load_documents(args.files))
-    except LoadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
+    documents, unreadable = [], False
+    for path in args.files:  # every file is reported, not just the first bad one
+        try:
+            documents += load_file(path)
+        except LoadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            unreadable = True
+    if unreadable:
+        return EXIT_INVALID
     config = OperatorConfig.from_env()
     objects, failed = [], False
     documents = [(where, doc) for where, doc in documents if is_leap_document(doc)]
     if not documents:
         print(f"error: no TrainingRun found in {', '.join(args.files)}", file=sys.stderr)
-        return 1
+        return EXIT_INVALID
     for where, doc in documents:
         problems = validate_run(doc, config=config)
         if problems:
@@ -46,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             doc = {**doc, "metadata": {**doc["metadata"], "namespace": args.namespace}}
         objects += render_children(doc, attempt=args.attempt, config=config)
     if failed:
-        return 1
-    sys.stdout.write(yaml.safe_dump_all(objects, sort_keys=False, width=120))
-    return 0
+        return EXIT_INVALID
+    if args.output == "json":
+        import json
+        sys.stdout.write(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2) + "\n")
+    else:
+        sys.stdout.write(dump_all(objects))
+    return EXIT_OK

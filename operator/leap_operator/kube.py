@@ -115,8 +115,8 @@ class Kube:
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 opmetrics.API_ERRORS.labels(verb, resource).inc()
                 if attempt == self.retries:
-                    raise KubeError(0, repr(exc), "ConnectionError") from exc
-                log.info("%s %s: %r; retrying in %.2fs", method, path, exc, delay)
+                    raise KubeError(0, str(exc) or type(exc).__name__, "ConnectionError") from exc
+                log.info("%s %s: %s; retrying in %.2fs", method, path, str(exc) or type(exc).__name__, delay)
             await asyncio.sleep(delay)
             delay = min(self.max_backoff, delay * 2)
         raise AssertionError("unreachable")

@@ -254,6 +254,9 @@ def render_pod_template(run: dict, attempt: int, config: OperatorConfig) -> dict
         "ports": ports,
         "resources": render_resources(spec, config),
         "volumeMounts": mounts,
+        # A failed trainer's last log lines become its termination message, which the run's
+        # status quotes (status.config_error_message).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         # Pod Security "restricted". TPUs need no exception on GKE >= 1.28 (older versions
         # required privileged containers for TPU device access; Leap does not support them).
         "securityContext": {
@@ -318,6 +321,10 @@ def render_job(run: dict, attempt: int = 1, config: OperatorConfig | None = None
         # Leap restarts the whole gang itself (a new Job per attempt): a lone replacement pod
         # cannot rejoin a torch.distributed or TPU rendezvous, so the Job must not retry pods.
         "backoffLimit": 0,
+        # A trainer that refuses its configuration (contract.EXIT_CONFIG) fails the Job for good:
+        # the Failed condition's reason PodFailurePolicy tells the operator not to restart the gang.
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+            "containerName": CONTAINER, "operator": "In", "values": [contract.EXIT_CONFIG]}}]},
         # Kueue admits a queued Job by unsuspending it, so a queued Job is created suspended.
         "suspend": bool(spec["runPolicy"]["suspend"] or queue),
         "template": render_pod_template(run, attempt, config),

@@ -50,6 +50,8 @@ R_REFUSED = "CreateRefused"      # ... or for now (403: quota, RBAC, an admissio
 R_NAME_TAKEN = "NameTaken"       # an object of that name exists and is not this run's
 FAILED_CREATE_RECHECK = 5.0      # seconds between looks at the Job's FailedCreate Events
 R_STARTING = "PodsStarting"
+R_CONFIG = "ConfigError"            # a trainer exited with contract.EXIT_CONFIG: no restart
+JOB_POD_FAILURE_POLICY = "PodFailurePolicy"  # the Job's Failed reason when render's FailJob rule matched
 
 DEFAULT_BACKOFF_BASE = 10.0
 DEFAULT_BACKOFF_MAX = 300.0
@@ -182,6 +184,26 @@ def unschedulable(pods: list[dict]) -> tuple[str, str] | None:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
                     and cond.get("reason") == R_UNSCHEDULABLE:
                 return (pod.get("metadata") or {}).get("name", "?"), cond.get("message") or ""
+    return None
+
+
+def config_error_message(job: dict | None, pods: list[dict]) -> str | None:
+    """Why the attempt failed for good, when a worker refused its configuration: its container
+    exited with contract.EXIT_CONFIG (seen on the pod, which may come before the Job's condition),
+    or the Job failed by the podFailurePolicy rule render.py gives it for that code. None otherwise."""
+    for pod in sorted(pods, key=lambda p: pod_index(p) if pod_index(p) is not None else 1 << 30):
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated") or {}
+            if terminated.get("exitCode") != contract.EXIT_CONFIG:
+                continue
+            lines = [line.strip() for line in (terminated.get("message") or "").splitlines() if line.strip()]
+            line = next((l for l in reversed(lines) if l.startswith(contract.CONFIG_ERROR_PREFIX)),
+                        lines[-1] if lines else "")
+            name = (pod.get("metadata") or {}).get("name", "?")
+            return f"pod {name} refused its configuration (exit code {contract.EXIT_CONFIG})" + (f": {line}" if line else "")
+    cond = _job_condition(job, "Failed") or _job_condition(job, "FailureTarget")
+    if cond and cond.get("reason") == JOB_POD_FAILURE_POLICY:
+        return cond.get("message") or f"a worker exited with code {contract.EXIT_CONFIG} (configuration error)"
     return None
 
 
@@ -326,6 +348,13 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
         if not new.get("startTime"):
             new["startTime"] = fmt_time(now)
         return finish(SUCCEEDED, R_COMPLETED, f"all {new['workers']['desired']} workers finished (attempt {attempt})")
+
+    config_error = config_error_message(job, pods)
+    if config_error:
+        still_running = new["workers"]["active"] > 0 and not _job_finished(job)
+        return finish(FAILED, R_CONFIG, f"attempt {attempt} failed and is not restarted: {config_error}; "
+                                        "fix the spec and create the run again",
+                      action="stop" if still_running else "none")
 
     # A suspended Job (Kueue preempting it, or our own suspend) has its pods deleted, and the
     # kubelet moves them to Failed on the way out: that is not a worker failure.

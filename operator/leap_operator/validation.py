@@ -295,6 +295,7 @@ def _semantic_problems(run: dict, config: OperatorConfig) -> list[Problem]:
                                f"{key!r} is not a label key; use a key such as cloud.google.com/gke-nodepool"))
 
     workload = spec.get("workload") or {}
+    out += _batch_problems(spec, workload)
     if workload.get("kind") == "distillation" and not workload.get("distillation"):
         teacher = api.Distillation().teacher
         if teacher == workload.get("model"):
@@ -302,6 +303,30 @@ def _semantic_problems(run: dict, config: OperatorConfig) -> list[Problem]:
                                f"the default teacher is {teacher}, the same as workload.model; "
                                "set workload.distillation.teacher to a different model or use model: mlp"))
     return out
+
+
+def _batch_problems(spec: dict, workload: dict) -> list[Problem]:
+    """A batch larger than a shipped dataset's share per process: leap-train would refuse it."""
+    dataset, batch, samples = workload.get("dataset"), workload.get("batchSize"), workload.get("samples")
+    if not isinstance(batch, int):
+        return []
+    if dataset == "digits":
+        train = min(samples or contract.DIGITS_TRAIN_SAMPLES, contract.DIGITS_TRAIN_SAMPLES)
+    elif dataset == "synthetic" and samples:
+        train = samples
+    else:
+        return []  # a user's .npz: only the trainer can know its size
+    world = api.resolved_workers(spec) * api.resolved_procs_per_worker(spec)
+    if batch <= train // world:
+        return []
+    processes = f" per process x {world} processes" if world > 1 else ""
+    if train // world < 1:
+        fix = f"use fewer processes (spec.workers x spec.procsPerWorker at most {train})"
+    else:
+        fix = f"lower spec.workload.batchSize to at most {train // world}"
+    return [Problem("spec.workload.batchSize",
+                    f"{batch}{processes} is more than the {train} training samples of dataset {dataset} allow "
+                    f"(each process takes {train // world}); {fix}")]
 
 
 # --- entry points ----------------------------------------------------------------------------------

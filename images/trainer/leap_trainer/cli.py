@@ -2,6 +2,11 @@
 
 Flags that have an environment variable in contract.py default from it, so a pod rendered by
 the operator and a person at a terminal run the same command.
+
+Exit status (contract.py): 0 done, 78 (EXIT_CONFIG) the configuration can never work (a flag, an
+environment variable, the dataset, a checkpoint of another run): one line says what and is not
+worth a retry; anything else (1, a signal) is a crash that a restart may get past. Run from a
+TrainingRun (LEAP_RUN set), messages name the spec fields the flags come from.
 """
 
 from __future__ import annotations
@@ -55,14 +60,55 @@ def _dataset(text: str) -> str:
         return text
     if text.endswith(".npz"):
         if not os.path.exists(text):
-            raise argparse.ArgumentTypeError(f"file {text!r} does not exist")
+            raise argparse.ArgumentTypeError(f"file {text!r} does not exist here; give the path of an .npz file "
+                                             "that this machine (or pod) has, or digits or synthetic")
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is not 'digits', 'synthetic' or a path to a .npz file")
 
 
+# Where each flag comes from in a TrainingRun (render.render_args), for messages in a pod.
+SPEC_FIELDS = {
+    "--framework": "spec.framework", "--workload": "spec.workload.kind", "--model": "spec.workload.model",
+    "--dataset": "spec.workload.dataset", "--samples": "spec.workload.samples", "--epochs": "spec.workload.epochs",
+    "--batch-size": "spec.workload.batchSize", "--lr": "spec.workload.learningRate",
+    "--teacher": "spec.workload.distillation.teacher", "--temperature": "spec.workload.distillation.temperature",
+    "--alpha": "spec.workload.distillation.alpha", "--metrics-port": "spec.metrics.port",
+    "--checkpoint-every": "spec.checkpoint.everySteps", "--checkpoint-dir": "the run's checkpoint directory",
+}
+
+
+class ConfigError(Exception):
+    """The configuration can never work: exit EXIT_CONFIG with this one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and EXIT_CONFIG, not the usage text and 2
+        raise ConfigError(message.replace("argument ", "", 1))
+
+
+def in_training_run() -> bool:
+    return bool(os.environ.get(c.ENV_RUN))
+
+
+def speak(message: str) -> str:
+    """Name spec fields instead of flags when leap-train runs for a TrainingRun."""
+    if not in_training_run():
+        return message
+    import re
+
+    return re.sub(r"--[a-z][a-z-]*", lambda m: SPEC_FIELDS.get(m.group(0), m.group(0)), message)
+
+
+def config_error(message: str) -> int:
+    message = message.removeprefix("leap-train: ")
+    hint = "" if in_training_run() else " (leap-train --help lists the flags)"
+    print(f"{c.CONFIG_ERROR_PREFIX}{speak(message)}{hint}", file=sys.stderr, flush=True)
+    return c.EXIT_CONFIG
+
+
 def build_parser() -> argparse.ArgumentParser:
     env = os.environ
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="leap-train",
         description="Train a Leap workload (PyTorch or TensorFlow) and export throughput metrics.")
     p.add_argument("--framework", choices=FRAMEWORKS, default=env.get(c.ENV_FRAMEWORK) or "pytorch",
@@ -124,6 +170,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except ConfigError as error:
+        return config_error(str(error))
+    except SystemExit as exit_:
+        # leap-train's own refusals raise SystemExit("leap-train: ..."): all configuration errors.
+        if isinstance(exit_.code, str):
+            return config_error(exit_.code)
+        raise
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.framework == "tensorflow":

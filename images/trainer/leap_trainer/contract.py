@@ -85,3 +85,15 @@ TRAIN_METRICS: dict[str, tuple[str, str]] = {
     M_TOTAL_STEPS: ("gauge", "Optimizer steps planned for the whole run."),
     M_ACCEL_MEMORY: ("gauge", "Accelerator memory in use by this rank, in bytes."),
 }
+
+# --- Exit codes -------------------------------------------------------------------------------
+# One set for leap-train, `leap` and the operator's Job podFailurePolicy (render.py).
+EXIT_OK = 0
+EXIT_FAILED = 1          # leap-train crashed / `leap run`: the run failed (a retry may help)
+EXIT_INVALID = 2         # `leap`: invalid input (file, spec, flag, run directory): nothing was started
+EXIT_CONFIG = 78         # leap-train: its configuration can never work (flag, env, dataset, checkpoint):
+                         # not retried by `leap run`, fails the Job at once in a cluster (EX_CONFIG)
+CONFIG_ERROR_PREFIX = "leap-train: configuration error: "   # starts the one line leap-train prints then
+
+# --- Shipped data -----------------------------------------------------------------------------
+DIGITS_TRAIN_SAMPLES = 4000   # the "digits" dataset's training split (4,000 train / 1,000 test)

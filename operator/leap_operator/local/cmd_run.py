@@ -1,14 +1,17 @@
 """`leap run FILE.yaml`: run a TrainingRun on this machine, through the operator's validation and
 rendering, with live progress, the cluster's restart policy and a final summary.
 
-Exit status: 0 succeeded, 1 invalid or failed (as `leap validate` for invalid files), 128+N when
-stopped by signal N (130 for Ctrl-C).
+Exit status (leap_trainer.contract): 0 succeeded, 2 invalid input and nothing started (as `leap
+validate`), 1 the run failed, 128+N when stopped by signal N (130 for Ctrl-C).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -23,11 +26,13 @@ from leap_operator.local.overrides import OverrideError, apply_overrides, origin
 from leap_operator.local.plan import WorkerPlan, build_plans
 from leap_operator.local.podenv import EnvError
 from leap_operator.local.ports import PortPicker
-from leap_operator.local.rundir import RunDir, RunDirError, has_checkpoint, prepare
+from leap_operator.local.rundir import CheckpointsExist, RunDir, RunDirError, checkpoint_step, has_checkpoint, prepare, unlock
+from leap_operator.local.runstatus import StatusWriter
 from leap_operator.local.scrape import ProgressMonitor
 from leap_operator.local.supervisor import Outcome, StopFlag, supervise
 from leap_operator.render import render_children
 from leap_operator.validation import defaulted, validate_run
+from leap_trainer.contract import EXIT_INVALID
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="which TrainingRun to run when FILE holds several")
     parser.add_argument("--workdir", type=Path, metavar="DIR",
                         help="run directory for checkpoints, logs and the summary (default: runs/<name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoints an earlier `leap run` left in the run directory")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoints an earlier `leap run` left in the run directory")
+    start.add_argument("--fresh", action="store_true",
+                       help="delete the checkpoints an earlier `leap run` left in the run directory and start over")
     parser.add_argument("--allow-cpu", action="store_true",
                         help="run a google-tpu run on CPU when this machine is not a TPU host")
     parser.add_argument("--grace-period", type=float, default=10.0, metavar="SECONDS",
@@ -48,6 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wait before the first restart, doubled for each further one (default 1)")
     parser.add_argument("--plain", action="store_true",
                         help="progress as plain lines even on a terminal (the default when output is not one)")
+    parser.add_argument("--stream", action="store_true",
+                        help="also print every worker's output as it comes, each line prefixed with [worker N]")
+    parser.add_argument("-o", "--output", choices=["text", "json"], default="text",
+                        help="json: the outcome and the trainer's summary as one JSON object on stdout "
+                             "(progress goes to stderr)")
 
 
 class RunError(Exception):
@@ -101,13 +114,59 @@ def _final_summary(run_dir: RunDir, outcome: Outcome, run_name: str, total_secon
 
 def run(args: argparse.Namespace) -> int:
     # soft_wrap: long paths stay on one line (copyable), in terminals and logs alike.
-    out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    # With --output json, stdout carries only the JSON; what people read goes to stderr.
+    out = err if args.output == "json" else Console(file=_PipeSafe(sys.stdout, err), highlight=False, soft_wrap=True)
     try:
         return _run(args, out, err)
     except RunError as exc:
         err.print(f"error: {exc}", markup=False, soft_wrap=True)
-        return 1
+        if args.output == "json":
+            print(json.dumps({"phase": "Invalid", "exitCode": EXIT_INVALID, "message": str(exc)}, indent=2))
+        return EXIT_INVALID
+
+
+class _PipeSafe:
+    """stdout that survives its reader going away (`leap run ... | head`): training goes on, the
+    output is dropped, and one line on stderr says so and where the logs are."""
+
+    def __init__(self, stream, err: Console):
+        self.stream, self.err, self.closed_reader = stream, err, False
+
+    def write(self, text: str) -> int:
+        if not self.closed_reader:
+            try:
+                self.stream.write(text)
+                return len(text)
+            except BrokenPipeError:
+                self._closed()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.closed_reader:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._closed()
+
+    def _closed(self) -> None:
+        self.closed_reader = True
+        try:  # Python would complain about the unflushable stdout at exit: point it at /dev/null
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        except (OSError, ValueError):
+            pass
+        self.err.print("leap run: the output pipe closed; training goes on (see `leap logs` and `leap runs`)",
+                       markup=False)
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
 
 
 def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -119,7 +178,10 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
     problems = validate_run(doc)
     if problems:
         _print_problems(where, doc, problems, overrides, err)
-        return 1
+        if args.output == "json":
+            print(json.dumps({"phase": "Invalid", "exitCode": EXIT_INVALID,
+                              "problems": [{"field": p.field, "message": p.message} for p in problems]}, indent=2))
+        return EXIT_INVALID
     run_obj = defaulted(doc)
     spec, name = run_obj["spec"], run_obj["metadata"]["name"]
     if spec["runPolicy"]["suspend"]:
@@ -140,9 +202,27 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     try:
         first = plans_for(1)  # env problems (e.g. a Secret) surface before anything is created
-        prepare(run_dir.path, name, resume=args.resume)
+        step = checkpoint_step(run_dir) if args.resume and has_checkpoint(run_dir) else None
+        args.deleting = args.fresh and has_checkpoint(run_dir)
+        prepare(run_dir.path, name, resume=args.resume, fresh=args.fresh)
+    except CheckpointsExist as exc:
+        command = " ".join(shlex.quote(a) for a in ["leap", *sys.argv[1:]]) if sys.argv[1:2] == ["run"] \
+            else f"leap run {shlex.quote(args.file)}"
+        at = f" from step {exc.step}" if exc.step is not None else ""
+        raise RunError(f"{exc}; say which you want:\n"
+                       f"  {command} --resume    # continue{at}\n"
+                       f"  {command} --fresh     # delete them and start over") from None
     except (EnvError, RunDirError) as exc:
         raise RunError(str(exc)) from None
+    try:
+        return _start(args, out, err, run_dir, run_obj, doc, name, workers, procs, device, first, plans_for, step)
+    finally:
+        unlock(run_dir.path)
+
+
+def _start(args, out: Console, err: Console, run_dir: RunDir, run_obj: dict, doc: dict, name: str, workers: int,
+           procs: int, device, first: list[WorkerPlan], plans_for, step: int | None) -> int:
+    spec = run_obj["spec"]
 
     workload = spec.get("workload") or {}
     what = (f"{workload['kind']} {workload['model']} on {workload['dataset']}" if workload
@@ -153,14 +233,32 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
         out.print(f"note: {device.note}")
     if (spec.get("scheduling") or {}).get("queueName"):
         out.print("note: spec.scheduling.queueName is for the cluster's Kueue; a local run starts at once")
+    cores = os.cpu_count() or 1
+    if workers * procs > cores:
+        out.print(f"warning: {workers * procs} training processes on {cores} CPU core{'s' if cores > 1 else ''}: "
+                  "they share the cores and run slower than in a cluster; lower spec.workers or spec.procsPerWorker "
+                  "for a quicker local run", markup=False)
     if args.resume and has_checkpoint(run_dir):
-        out.print(f"resuming from the checkpoints in {run_dir.checkpoints}", markup=False)
+        at = f"step {step}" if step is not None else "the latest checkpoint"
+        out.print(f"resuming from {at} (checkpoints in {run_dir.checkpoints})", markup=False)
+    elif args.resume:
+        out.print(f"starting fresh: nothing to resume (no checkpoints in {run_dir.checkpoints})", markup=False)
+    else:
+        out.print("starting fresh" + (" (earlier checkpoints deleted: --fresh)" if args.deleting else ""), markup=False)
     out.print(f"run directory: {run_dir.path}", markup=False)
+    for plan in first:
+        urls = ", ".join(f"http://127.0.0.1:{port}/metrics" for port in plan.metrics_ports)
+        moved = (f" (spec.metrics.port {spec['metrics']['port']} + {plan.metrics_wanted - spec['metrics']['port']} "
+                 f"= {plan.metrics_wanted} was taken)") if plan.metrics_wanted is not None else ""
+        out.print(f"metrics: {plan.label}: {urls}{moved}", markup=False)
 
     info = RunInfo(name=name, framework=spec["framework"], workers=workers, procs_per_worker=procs,
                    device=device.used, epochs=workload.get("epochs"),
-                   max_attempts=spec["runPolicy"]["backoffLimit"] + 1)
-    display = make_display(out, info, ProgressMonitor(), live=out.is_terminal and not args.plain)
+                   max_attempts=spec["runPolicy"]["backoffLimit"] + 1,
+                   distillation=workload.get("kind") == "distillation")
+    status = StatusWriter(run_dir, name=name, file=args.file, workers=workers, max_attempts=info.max_attempts)
+    display = make_display(out, info, ProgressMonitor(), live=out.is_terminal and not args.plain,
+                           stream=args.stream, status=status)
     stop = StopFlag()
     previous = stop.install()
     started = time.monotonic()
@@ -170,14 +268,28 @@ def _run(args: argparse.Namespace, out: Console, err: Console) -> int:
                             backoff_limit=spec["runPolicy"]["backoffLimit"], stop=stop, events=display,
                             grace_seconds=args.grace_period, backoff_base=args.backoff,
                             deadline_seconds=spec["runPolicy"].get("activeDeadlineSeconds"))
+    except BaseException:
+        status.finish("Failed", "Error", "leap run stopped unexpectedly")
+        raise
     finally:
         display.stop()
         StopFlag.restore(previous)
     total = time.monotonic() - started
-    return _report(outcome, run_dir, name, total, args, out, err)
+    code = _report(outcome, run_dir, name, total, args, out, err)
+    phase = "Succeeded" if outcome.succeeded else ("Stopped" if outcome.reason == "Interrupted" else "Failed")
+    status.finish(phase, outcome.reason, outcome.message)
+    return code
 
 
 def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, out: Console, err: Console) -> int:
+    if args.output == "json":
+        summary = _final_summary(run_dir, outcome, name, total) if outcome.succeeded else None
+        print(json.dumps({"run": name, "phase": "Succeeded" if outcome.succeeded else (
+            "Stopped" if outcome.reason == "Interrupted" else "Failed"), "reason": outcome.reason,
+            "message": outcome.message, "exitCode": outcome.exit_code, "attempts": outcome.attempts,
+            "totalSeconds": round(total, 3), "runDirectory": str(run_dir.path), "summary": summary}, indent=2))
+        if outcome.succeeded:
+            return outcome.exit_code
     if outcome.reason == "Interrupted":
         err.print(f"{name}: {outcome.message}.", markup=False)
         if has_checkpoint(run_dir):
@@ -186,6 +298,9 @@ def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, ou
         return outcome.exit_code
     if not outcome.succeeded:
         err.print(f"{name} failed ({outcome.reason}): {outcome.message}", markup=False, soft_wrap=True)
+        if outcome.reason == "ConfigError" and args.resume:
+            err.print(f"if the checkpoints in {run_dir.checkpoints} are from another configuration, "
+                      "the same command with --fresh instead of --resume starts over", markup=False, soft_wrap=True)
         return outcome.exit_code
     summary = _final_summary(run_dir, outcome, name, total)
     if summary is None:

@@ -7,6 +7,7 @@ from the trainer's JSON summary, with the test accuracy on its own line.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class RunInfo:
     device: str                  # what the workers run on
     epochs: int | None
     max_attempts: int
+    distillation: bool = False   # a distillation workload: show which of its three phases is training
 
 
 def progress_line(label: str, p: dict, epochs: int | None) -> str:
@@ -66,24 +68,62 @@ def progress_line(label: str, p: dict, epochs: int | None) -> str:
     return " ".join(parts)
 
 
+# Distillation trains three models in turn; leap-train names each phase in its log (PyTorch when
+# a phase starts, TensorFlow when one ends). The display shows which one is training.
+PHASES = (("teacher", "teacher"), ("student-alone", "student alone"), ("distilled", "distilled student"))
+_PHASE_STARTED = re.compile(r"^leap-train: (teacher|student-alone|student-distilled): ", re.M)
+_PHASE_ENDED = re.compile(r"^\[leap-train tensorflow\] (teacher|student-alone|distilled-student): \d+ steps", re.M)
+_TEACHER_LOADED = re.compile(r"^leap-train: teacher loaded from ", re.M)
+
+
+def distillation_phase(log_text: str) -> str | None:
+    """'teacher (1/3)', 'student alone (2/3)' or 'distilled student (3/3)' from worker 0's log."""
+    index = None
+    for match in re.finditer(f"{_PHASE_STARTED.pattern}|{_PHASE_ENDED.pattern}|{_TEACHER_LOADED.pattern}",
+                             log_text, re.M):
+        text = match.group(0)
+        if _TEACHER_LOADED.match(text):
+            index = 1  # a restart found the trained teacher: the student alone is next
+        elif started := _PHASE_STARTED.match(text):
+            index = ("teacher", "student-alone", "student-distilled").index(started.group(1))
+        else:
+            ended = _PHASE_ENDED.match(text).group(1)
+            index = min(("teacher", "student-alone", "distilled-student").index(ended) + 1, 2)
+    if index is None:
+        return None
+    return f"{PHASES[index][1]} ({index + 1}/3)"
+
+
 class BaseDisplay:
-    def __init__(self, console: Console, info: RunInfo, monitor: ProgressMonitor):
+    def __init__(self, console: Console, info: RunInfo, monitor: ProgressMonitor, stream: bool = False,
+                 status=None):
         self.console, self.info, self.monitor = console, info, monitor
         self.attempt = 0
         self.workers: list[Worker] = []
+        self.stream, self.status = stream, status
+        self._offsets: dict[int, int] = {}
+        self._partial: dict[int, bytes] = {}
+        self.phase: str | None = None
+        self._phase_checked = 0.0
 
     # lifecycle -------------------------------------------------------------------------------
     def note(self, text: str) -> None:
         self.console.print(text, highlight=False)
 
     def attempt_started(self, attempt: int, workers: list[Worker]) -> None:
+        self.flush_streams(final=True)
         self.attempt, self.workers = attempt, workers
+        self._offsets.clear()
+        self.phase = None
         self.monitor.reset()
+        if self.status is not None:
+            self.status.attempt(attempt)
         self.note(f"attempt {attempt}/{self.info.max_attempts}: started "
                   + ", ".join(f"worker {w.index} (pid {w.pid})" for w in workers)
                   + f"; logs in {escape(str(workers[0].plan.log_path.parent))}")
 
     def attempt_failed(self, attempt: int, message: str, log_tail: str, retry_in: float | None) -> None:
+        self.flush_streams(final=True)
         self.note(f"[bold red]{escape(message)}[/]")
         if log_tail:
             self.console.print(Text("  | " + log_tail.replace("\n", "\n  | "), style="dim"))
@@ -91,21 +131,64 @@ class BaseDisplay:
             self.note(f"restarting all workers from the latest checkpoint in {retry_in:g}s "
                       f"(attempt {attempt + 1}/{self.info.max_attempts})")
 
+    def phase_changed(self, phase: str) -> None:
+        self.note(f"distillation: training the {escape(phase)}")
+
+    def stopping(self, workers: list[Worker], grace_seconds: float) -> None:
+        self.note(f"stopping {len(workers)} worker{'s' if len(workers) > 1 else ''}: waiting up to {grace_seconds:g}s "
+                  "for them to exit (Ctrl-C again stops them at once)")
+
     def tick(self, workers: list[Worker]) -> None:
-        self.monitor.poll(workers)
+        self.after_poll(self.monitor.poll(workers))
+
+    def after_poll(self, latest: dict[int, dict]) -> None:
+        self.flush_streams()
+        if self.info.distillation and self.workers and time.monotonic() - self._phase_checked >= 0.5:
+            self._phase_checked = time.monotonic()
+            from leap_operator.local.supervisor import log_tail
+            phase = distillation_phase(log_tail(self.workers[0].plan.log_path, lines=400))
+            if phase and phase != self.phase:
+                self.phase = phase
+                self.phase_changed(phase)
+        if self.status is not None:
+            self.status.progress(latest.get(0))
+
+    def flush_streams(self, final: bool = False) -> None:
+        """--stream: the workers' new output, line by line, prefixed with [worker N]."""
+        if not self.stream:
+            return
+        for worker in self.workers:
+            index = worker.index
+            try:
+                with open(worker.plan.log_path, "rb") as log:
+                    log.seek(self._offsets.get(index, 0))
+                    data = log.read(1 << 20)
+            except OSError:
+                continue
+            self._offsets[index] = self._offsets.get(index, 0) + len(data)
+            data = self._partial.pop(index, b"") + data
+            lines = data.split(b"\n")
+            rest = lines.pop()
+            if rest and final:
+                lines.append(rest)
+            elif rest:
+                self._partial[index] = rest
+            for line in lines:
+                self.console.print(Text(f"[{worker.plan.label}] ", style="dim") + Text(line.decode("utf-8", "replace")),
+                                   highlight=False, soft_wrap=True)
 
     def start(self) -> None:
         pass
 
     def stop(self) -> None:
-        pass
+        self.flush_streams(final=True)
 
 
 class PlainDisplay(BaseDisplay):
     """Plain lines for logs: each worker's progress every `every` seconds."""
 
-    def __init__(self, console: Console, info: RunInfo, monitor: ProgressMonitor, every: float = 5.0):
-        super().__init__(console, info, monitor)
+    def __init__(self, console: Console, info: RunInfo, monitor: ProgressMonitor, every: float = 5.0, **kwargs):
+        super().__init__(console, info, monitor, **kwargs)
         self.every = every
         self._printed: dict[int, float] = {}
 
@@ -115,6 +198,7 @@ class PlainDisplay(BaseDisplay):
 
     def tick(self, workers: list[Worker]) -> None:
         latest = self.monitor.poll(workers)
+        self.after_poll(latest)
         now = time.monotonic()
         for index, progress in sorted(latest.items()):
             if not progress.get("samplesPerSecond"):
@@ -128,14 +212,16 @@ class PlainDisplay(BaseDisplay):
 class LiveDisplay(BaseDisplay):
     """A table redrawn in place on a terminal."""
 
-    def __init__(self, console: Console, info: RunInfo, monitor: ProgressMonitor):
-        super().__init__(console, info, monitor)
+    def __init__(self, console: Console, info: RunInfo, monitor: ProgressMonitor, **kwargs):
+        super().__init__(console, info, monitor, **kwargs)
         self.live = Live(console=console, get_renderable=self.render, refresh_per_second=2, transient=False)
 
     def start(self) -> None:
         self.live.start()
 
     def stop(self) -> None:
+        super().stop()
+        self.live.refresh()  # the final frame shows the final state, not the last timer redraw
         self.live.stop()
 
     def note(self, text: str) -> None:
@@ -143,38 +229,71 @@ class LiveDisplay(BaseDisplay):
 
     def render(self):
         info = self.info
-        title = (f"[bold]{escape(info.name)}[/]  attempt {self.attempt}/{info.max_attempts}  "
-                 f"{info.framework} on {info.device}, {info.workers} worker{'s' if info.workers > 1 else ''}"
+        width = self.console.width
+        where = (f"{info.framework} on {info.device}, {info.workers} worker{'s' if info.workers > 1 else ''}"
                  + (f" x {info.procs_per_worker} processes" if info.procs_per_worker > 1 else ""))
+        state = f"attempt {self.attempt}/{info.max_attempts}" if self.attempt else "starting workers"
+        if self.phase:
+            state += f"  {self.phase}"
+        title = Text.assemble((info.name, "bold"), f"  {state}  {where}", no_wrap=True, overflow="ellipsis")
+        title.truncate(width, overflow="ellipsis")
+        # Narrow terminals lose the least needed columns rather than wrapping rows.
+        columns = ["worker", "progress", "", "step", "epoch", "loss", "samples/s", "FLOP/s", "ETA", "state"]
+        if width < 120:
+            columns.remove("FLOP/s")
+        if width < 100:
+            columns.remove("progress")
+        if width < 72:
+            columns = [c for c in columns if c not in ("epoch", "loss")]
         table = Table(box=None, pad_edge=False, header_style="bold")
-        for column in ("worker", "progress", "", "step", "epoch", "loss", "samples/s", "FLOP/s", "ETA", "state"):
-            table.add_column(column, justify="left" if column in ("worker", "progress", "state") else "right")
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("worker", "progress", "state") else "right",
+                             no_wrap=True, overflow="ellipsis")
         latest = self.monitor.latest
         for worker in self.workers:
             p = dict(latest.get(worker.index, {}))
             code = worker.proc.poll()
-            if code == 0 and p.get("totalSteps"):
-                # leap-train exits 0 only after its last step; the last scrape may predate it.
-                p.update(step=p["totalSteps"], percent=100.0, etaSeconds=0.0)
+            if code == 0:
+                p.update(self._final(worker, p))
             state = "running" if code is None else ("done" if code == 0 else describe_exit(code))
             pct = p.get("percent")
-            table.add_row(
-                str(worker.index),
-                ProgressBar(total=100, completed=pct or 0, width=24),
-                f"{pct:.0f}%" if pct is not None else "",
-                f"{int(p['step'])}/{int(p.get('totalSteps') or 0)}" if p.get("step") is not None else "-",
-                (f"{int(p['epoch'])}" + (f"/{info.epochs}" if info.epochs else "")) if p.get("epoch") is not None else "-",
-                f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
-                f"{p['samplesPerSecond']:,.0f}" if p.get("samplesPerSecond") is not None else "-",
-                si(p.get("flopsPerSecond"), "FLOP/s"),
-                format_duration(p["etaSeconds"]) if p.get("etaSeconds") is not None else "-",
-                state,
-            )
-        return Group(Text.from_markup(title), table)
+            cells = {
+                "worker": str(worker.index),
+                "progress": ProgressBar(total=100, completed=pct or 0, width=24),
+                "": f"{pct:.0f}%" if pct is not None else "",
+                "step": f"{int(p['step'])}/{int(p.get('totalSteps') or 0)}" if p.get("step") is not None else "-",
+                "epoch": (f"{int(p['epoch'])}" + (f"/{info.epochs}" if info.epochs else "")) if p.get("epoch") is not None else "-",
+                "loss": f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
+                "samples/s": f"{p['samplesPerSecond']:,.0f}" if p.get("samplesPerSecond") is not None else "-",
+                "FLOP/s": si(p.get("flopsPerSecond"), "FLOP/s"),
+                "ETA": format_duration(p["etaSeconds"]) if p.get("etaSeconds") is not None else "-",
+                "state": state,
+            }
+            table.add_row(*(cells[c] for c in columns))
+        return Group(title, table)
+
+    def _final(self, worker: Worker, p: dict) -> dict:
+        """A finished worker's row from its own summary, not the last scrape (which predates the end)."""
+        out: dict = {"etaSeconds": 0.0} if p else {}
+        if p.get("totalSteps"):
+            # leap-train exits 0 only after its last step; the last scrape may predate it.
+            out.update(step=p["totalSteps"], percent=100.0)
+        if self.info.epochs and p.get("epoch") is not None:
+            out["epoch"] = self.info.epochs
+        try:
+            import json
+            summary = json.loads(worker.plan.summary_path.read_text())
+        except (OSError, ValueError):
+            return out
+        if isinstance(summary.get("final_loss"), (int, float)):
+            out["loss"] = summary["final_loss"]  # (throughput in the summary is the whole run's, not this row's)
+        if isinstance(summary.get("steps"), int) and summary["steps"] > 0:
+            out.update(step=summary["steps"], totalSteps=summary["steps"], percent=100.0)
+        return out
 
 
-def make_display(console: Console, info: RunInfo, monitor: ProgressMonitor, live: bool) -> BaseDisplay:
-    return (LiveDisplay if live else PlainDisplay)(console, info, monitor)
+def make_display(console: Console, info: RunInfo, monitor: ProgressMonitor, live: bool, **kwargs) -> BaseDisplay:
+    return (LiveDisplay if live else PlainDisplay)(console, info, monitor, **kwargs)
 
 
 # --- final summary -----------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 PATH is dotted (spec.workload.epochs), with [N] for list items (spec.env[0].value) and '\\.' for
 a dot inside a key (spec.scheduling.nodeSelector.cloud\\.google\\.com/gke-nodepool). VALUE is
-parsed as YAML, so `2` is an integer, `true` a boolean and `{cpu: "2"}` a mapping. Missing
+parsed as YAML 1.2 (as kubectl reads files), so `2` and `1e-3` are numbers, `true` a boolean and `{cpu: "2"}` a mapping. Missing
 mappings along the path are created; a path that runs into a scalar is an error naming it.
 """
 
@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from leap_operator.yamlio import YAMLLoadError, load_one
 
 
 class OverrideError(ValueError):
@@ -64,9 +64,9 @@ def parse_override(raw: str) -> Override:
     if not sep:
         raise OverrideError(f"--set {raw}: expected PATH=VALUE, e.g. --set spec.workers=2")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError as exc:
-        problem = str(exc).splitlines()[0]
+        value = load_one(value_text, "value") if value_text.strip() else ""
+    except YAMLLoadError as exc:
+        problem = re.sub(r"^value(:\d+)?: (not valid YAML: )?", "", str(exc))
         raise OverrideError(f"--set {raw}: the value is not valid YAML ({problem}); quote it, e.g. --set '{path_text}=\"...\"'") from exc
     return Override(raw=raw, path=parse_path(path_text.strip(), raw), value=value)
 

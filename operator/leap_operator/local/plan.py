@@ -41,6 +41,7 @@ class WorkerPlan:
     pid_path: Path
     summary_path: Path
     label: str = field(default="")
+    metrics_wanted: int | None = None   # spec.metrics.port + this worker's first local rank, when that was taken
 
     def __post_init__(self):
         self.label = self.label or f"worker {self.index}"
@@ -95,7 +96,10 @@ def build_plans(run: dict, job: dict, attempt: int, run_dir: RunDir, device: Dev
     comm_ports = [master_port] + [ports.one() for _ in range(workers - 1)] if framework == "pytorch" \
         else [ports.one() for _ in range(workers)]
     hosts = [f"{LOCALHOST}:{port}" for port in comm_ports]
-    metrics_bases = [ports.block(procs) for _ in range(workers)]
+    # spec.metrics.port + local rank, as in the pod; workers share this host, so worker i starts
+    # at port + i x procs. A port already taken moves that worker's block to free ports.
+    wanted = [int(spec["metrics"]["port"]) + index * procs for index in range(workers)]
+    metrics_bases = [ports.block_at(want, procs) or ports.block(procs) for want in wanted]
 
     base_env = {k: v for k, v in shell_env.items() if k not in _POD_ONLY}
     base_env["PYTHONUNBUFFERED"] = "1"  # logs and the failure tail stay current
@@ -138,5 +142,6 @@ def build_plans(run: dict, job: dict, attempt: int, run_dir: RunDir, device: Dev
             index=index, argv=argv, env=env,
             metrics_ports=[metrics_bases[index] + r for r in range(procs)],
             log_path=run_dir.log(attempt, index), pid_path=run_dir.pid_file(attempt, index),
-            summary_path=run_dir.worker_summary(attempt, index)))
+            summary_path=run_dir.worker_summary(attempt, index),
+            metrics_wanted=wanted[index] if metrics_bases[index] != wanted[index] else None))
     return plans

@@ -12,6 +12,8 @@ import socket
 
 def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the trainers' HTTP servers do: a port whose old connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             # The wildcard address conflicts with any bind of this port (trainers listen on 0.0.0.0).
             sock.bind(("0.0.0.0", port))
@@ -38,6 +40,14 @@ class PortPicker:
                 self.taken.update(ports)
                 return start
         raise RuntimeError(f"no {size} consecutive free TCP ports between {self.low} and {self.high}")
+
+    def block_at(self, start: int, size: int = 1) -> int | None:
+        """`start` when it and the size-1 ports after it are free (and not handed out), else None."""
+        ports = range(start, start + size)
+        if start < 1 or ports.stop > 65536 or self.taken.intersection(ports) or not all(_bindable(p) for p in ports):
+            return None
+        self.taken.update(ports)
+        return start
 
     def one(self) -> int:
         return self.block(1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from leap_operator.local.plan import WorkerPlan
+from leap_trainer.contract import EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 
 POLL_SECONDS = 0.1
 
@@ -187,13 +188,14 @@ class Events(Protocol):
     def attempt_started(self, attempt: int, workers: list[Worker]) -> None: ...
     def attempt_failed(self, attempt: int, message: str, log_tail: str, retry_in: float | None) -> None: ...
     def tick(self, workers: list[Worker]) -> None: ...
+    def stopping(self, workers: list[Worker], grace_seconds: float) -> None: ...
 
 
 @dataclass
 class Outcome:
     succeeded: bool
     attempts: int
-    reason: str                    # Succeeded | BackoffLimitExceeded | DeadlineExceeded | Interrupted | StartFailed
+    reason: str                    # Succeeded | BackoffLimitExceeded | ConfigError | DeadlineExceeded | Interrupted | StartFailed
     message: str
     exit_code: int                 # of `leap run`
     last_workers: list[Worker] | None = None
@@ -230,7 +232,7 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
                 workers.append(start_worker(plan))
         except WorkerStartError as exc:
             stop_workers(workers, grace_seconds, stop)
-            return Outcome(False, attempt, "StartFailed", str(exc), 1, workers)
+            return Outcome(False, attempt, "StartFailed", str(exc), EXIT_FAILED, workers)
         try:
             events.attempt_started(attempt, workers)
             result = watch(workers, stop, lambda: events.tick(workers), deadline)
@@ -238,24 +240,34 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
         except BaseException:
             stop_workers(workers, 0)  # whatever went wrong here, leave no worker behind
             raise
+        if result.interrupted_by is not None and any(w.group_alive() for w in workers):
+            events.stopping(workers, grace_seconds)
         stop_workers(workers, 0 if result.succeeded else grace_seconds, stop)
         if result.succeeded:
-            return Outcome(True, attempt, "Succeeded", f"all workers succeeded in attempt {attempt}", 0, workers)
+            return Outcome(True, attempt, "Succeeded", f"all workers succeeded in attempt {attempt}", EXIT_OK, workers)
         if result.interrupted_by is not None:
             name = signal.Signals(result.interrupted_by).name
             return Outcome(False, attempt, "Interrupted", f"stopped by {name}; all workers stopped",
                            128 + result.interrupted_by, workers)
         if result.deadline_exceeded:
             return Outcome(False, attempt, "DeadlineExceeded",
-                           f"runPolicy.activeDeadlineSeconds ({deadline_seconds}s) passed; all workers stopped", 1, workers)
+                           f"runPolicy.activeDeadlineSeconds ({deadline_seconds}s) passed; all workers stopped", EXIT_FAILED,
+                           workers)
         failed = result.failed_worker
         message = f"attempt {attempt}: {failed.plan.label} {describe_exit(result.exit_code)}"
         tail = log_tail(failed.plan.log_path)
+        if result.exit_code == EXIT_CONFIG:
+            # leap-train refused its configuration: the same configuration fails the same way again.
+            events.attempt_failed(attempt, message, tail, None)
+            last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+            return Outcome(False, attempt, "ConfigError",
+                           f"{failed.plan.label} refused its configuration (exit code {EXIT_CONFIG}), so it is not "
+                           f"retried: {last.strip()} (log: {failed.plan.log_path})", EXIT_FAILED, workers)
         if attempt > backoff_limit:
             events.attempt_failed(attempt, message, tail, None)
             return Outcome(False, attempt, "BackoffLimitExceeded",
                            f"{message}; runPolicy.backoffLimit ({backoff_limit}) restarts used up after {attempt} "
-                           f"attempt{'s' if attempt > 1 else ''} (log: {failed.plan.log_path})", 1, workers)
+                           f"attempt{'s' if attempt > 1 else ''} (log: {failed.plan.log_path})", EXIT_FAILED, workers)
         wait = backoff_seconds(attempt, backoff_base)
         events.attempt_failed(attempt, message, tail, wait)
         until = time.monotonic() + wait
