@@ -125,12 +125,13 @@ def cluster(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactor
     token = kubectl("-n", OPERATOR_NAMESPACE, "create", "token", OPERATOR_SA, "--duration=4h").stdout.strip()
     sa_kubeconfig = control_plane.write_kubeconfig(tmp / "operator.kubeconfig", token=token,
                                                    user=f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}")
-    operator = OperatorProcess(None, tmp, [], kubeconfig=sa_kubeconfig).start()
+    cluster = Cluster(control_plane, rest, kubectl, runner, OperatorProcess(None, tmp, [], kubeconfig=sa_kubeconfig))
     try:
-        operator.wait_ready()
-        yield Cluster(control_plane, rest, kubectl, runner, operator)
+        cluster.operator.start().wait_ready()
+        yield cluster
     finally:
         purge_test_namespaces(rest)
+        operator = cluster.operator  # tests may have replaced it (stopped, then started anew)
         code = operator.stop()
         runner.stop()
         print(operator.output()[-5000:])

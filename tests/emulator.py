@@ -404,6 +404,14 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
     raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the test process dies, so no operator outlives its session
+    (a stray one would keep acting on a reused control plane with the code it started with)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class OperatorProcess:
     """The real operator, `leap operator`, as a child process pointed at the emulator (or at a
     real API server through `kubeconfig`)."""
@@ -432,7 +440,8 @@ class OperatorProcess:
                *self.extra]
         for ns in self.namespaces:
             cmd += ["--namespace", ns]
-        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
         return self
 
     def output(self) -> str:

@@ -154,3 +154,32 @@ def test_a_strangers_object_with_the_runs_name_is_neither_adopted_nor_deleted(cl
     cluster.kubectl("-n", ns, "delete", "trainingrun", "mnist-gpu", "--timeout=60s")
     kept = cluster.rest.get(f"/api/v1/namespaces/{ns}/services/mnist-gpu")
     assert kept is not None and not kept["metadata"].get("ownerReferences") and kept["spec"]["selector"] == {"app": "web"}
+
+
+def test_a_run_edited_while_suspended_resumes_in_its_new_shape_as_a_new_attempt(cluster):
+    ns = cluster.namespace("reshape")
+    create(cluster, example("mnist-gpu", ns))
+    first = render.job_name("mnist-gpu", 1)
+    running_pods(cluster, ns, first, 1)
+    wait_for(lambda: status(cluster, ns, "mnist-gpu").get("phase") == "Running", 30, message="Running")
+    cluster.kubectl("-n", ns, "patch", "trainingrun", "mnist-gpu", "--type=merge",
+                    "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_for(lambda: status(cluster, ns, "mnist-gpu").get("phase") == "Suspended", 30, message="Suspended")
+    wait_for(lambda: not cluster.pods(ns), 30, message="the pods gone while suspended")
+    # Allowed while Suspended (the CRD's transition rules), refused while Running.
+    cluster.kubectl("-n", ns, "patch", "trainingrun", "mnist-gpu", "--type=merge",
+                    "-p", '{"spec":{"workload":{"epochs":7}}}')
+    cluster.kubectl("-n", ns, "patch", "trainingrun", "mnist-gpu", "--type=merge",
+                    "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    second = render.job_name("mnist-gpu", 2)
+    pods = running_pods(cluster, ns, second, 1)
+    args = pods[0]["spec"]["containers"][0]["args"]
+    assert args[args.index("--epochs") + 1] == "7", args
+    wait_for(lambda: status(cluster, ns, "mnist-gpu").get("phase") == "Running", 30, message="Running in the new shape")
+    st = status(cluster, ns, "mnist-gpu")
+    assert st["attempt"] == 2 and st["restarts"] == 0, st
+    wait_for(lambda: [j["metadata"]["name"] for j in jobs(cluster, ns) if not j["metadata"].get("deletionTimestamp")]
+             == [second], 30, message="only the new shape's Job")
+    refused = cluster.kubectl("-n", ns, "patch", "trainingrun", "mnist-gpu", "--type=merge",
+                              "-p", '{"spec":{"workload":{"epochs":9}}}', check=False)
+    assert refused.returncode != 0 and "cannot change once the run has started" in refused.stderr

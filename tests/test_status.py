@@ -216,6 +216,19 @@ def test_suspend_and_resume():
     assert d.action == "resume" and cond(d, "Suspended")["status"] == "False"
 
 
+def test_resume_after_an_edit_replaces_the_job_as_a_new_attempt_not_a_restart():
+    run = make_run()
+    suspended_job = job(active=0)
+    suspended_job["spec"]["suspend"] = True
+    step(run, suspended_job, [], T0)  # resumed, but the Job was rendered before the edit
+    run["status"]["phase"] = "Suspended"
+    d = step(run, suspended_job, [], T0, job_outdated=True)
+    assert d.action == "replace" and d.status["attempt"] == 2 and d.status["restarts"] == 0
+    assert d.status["reason"] == "Reshaped" and "jobName" not in d.status
+    d = step(run, None, [], T0)
+    assert d.action == "create" and d.status["attempt"] == 2
+
+
 def test_invalid_run_is_failed_with_valid_false_and_no_action():
     d = compute_status(make_run(), None, [], T0, problems=[Problem("spec.workers", "must be >= 1")])
     assert d.action == "none" and d.status["phase"] == "Failed" and d.status["reason"] == "InvalidSpec"

@@ -113,6 +113,16 @@ BAD_RUNS = [
     ("queue-name-with-space", variant(**{"spec.scheduling": {"queueName": "team a"}}), "spec.scheduling.queueName", "label value"),
     ("toleration-exists-with-value", variant(**{"spec.scheduling": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}}),
      "spec.scheduling.tolerations[0]", "Exists"),
+    ("toleration-seconds-without-no-execute", variant(**{"spec.scheduling": {"tolerations": [
+        {"key": "k", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}]}}),
+     "spec.scheduling.tolerations[0].tolerationSeconds", "NoExecute"),
+    ("toleration-empty-key-with-equal", variant(**{"spec.scheduling": {"tolerations": [
+        {"operator": "Equal", "value": "v", "effect": "NoSchedule"}]}}),
+     "spec.scheduling.tolerations[0].operator", "operator Exists"),
+    ("env-field-path-not-offered", variant(**{"spec.env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "status.phase"}}}]}),
+     "spec.env[0].valueFrom.fieldRef.fieldPath", "downward API"),
+    ("env-resource-not-offered", variant(**{"spec.env": [{"name": "A", "valueFrom": {"resourceFieldRef": {"resource": "limits.gpu"}}}]}),
+     "spec.env[0].valueFrom.resourceFieldRef.resource", "limits.cpu"),
     ("node-selector-bad-key", variant(**{"spec.scheduling": {"nodeSelector": {"bad key!": "x"}}}), "spec.scheduling.nodeSelector", "not a label key"),
     ("checkpoint-claim-bad-name", variant(**{"spec.checkpoint": {"claimName": "My_PVC"}}), "spec.checkpoint.claimName", "DNS name"),
     ("name-uppercase", variant(**{"metadata.name": "MyRun"}), "metadata.name", "DNS-1035"),

@@ -242,12 +242,31 @@ class KeySelector(_Model):
     optional: bool | None = None
 
 
+# The downward API fields core/v1 allows in a container's env (valid at Job creation, not later).
+ENV_FIELD_PATHS = ("metadata.name", "metadata.namespace", "metadata.uid", "spec.nodeName",
+                   "spec.serviceAccountName", "status.hostIP", "status.hostIPs", "status.podIP", "status.podIPs")
+ENV_RESOURCES = ("limits.cpu", "limits.memory", "limits.ephemeral-storage",
+                 "requests.cpu", "requests.memory", "requests.ephemeral-storage")
+_LABEL_OR_ANNOTATION_PATH = r"^metadata\\.(labels|annotations)\\[.+\\]$"
+
+
 class FieldSelector(_Model):
+    model_config = ConfigDict(json_schema_extra=rules(
+        rule(f"self.fieldPath in {_cel_list(ENV_FIELD_PATHS)} || self.fieldPath.matches('{_LABEL_OR_ANNOTATION_PATH}')",
+             "fieldRef.fieldPath must be one the downward API offers to env: " + ", ".join(ENV_FIELD_PATHS)
+             + ", metadata.labels['KEY'] or metadata.annotations['KEY']", field_path=".fieldPath"),
+        rule("!has(self.apiVersion) || self.apiVersion == 'v1'", "fieldRef.apiVersion must be v1 (or omitted)",
+             field_path=".apiVersion"),
+    ))
     fieldPath: str = Field(..., max_length=256, description="e.g. metadata.name, status.podIP, spec.nodeName.")
     apiVersion: str | None = Field(None, max_length=64)
 
 
 class ResourceFieldSelector(_Model):
+    model_config = ConfigDict(json_schema_extra=rules(
+        rule(f"self.resource in {_cel_list(ENV_RESOURCES)}",
+             "resourceFieldRef.resource must be one of " + ", ".join(ENV_RESOURCES), field_path=".resource"),
+    ))
     resource: str = Field(..., max_length=64, description="e.g. limits.memory.")
     containerName: str | None = Field(None, max_length=63)
     divisor: Annotated[Union[int, str], _int_or_string("Quantity divisor.", anyOf=[{"type": "integer"}, {"type": "string"}], pattern=QUANTITY, maxLength=64)] | None = None
@@ -275,9 +294,17 @@ class EnvVar(_Model):
 
 class Toleration(_Model):
     """A core/v1 Toleration."""
-    model_config = ConfigDict(json_schema_extra=rules(rule(
-        "!has(self.operator) || self.operator != 'Exists' || !has(self.value)",
-        "a toleration with operator Exists must not set value; remove value or use operator Equal")))
+    # What core/v1 validation refuses at Job (pod template) creation, caught here first.
+    model_config = ConfigDict(json_schema_extra=rules(
+        rule("!has(self.operator) || self.operator != 'Exists' || !has(self.value)",
+             "a toleration with operator Exists must not set value; remove value or use operator Equal"),
+        rule("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             "tolerationSeconds only applies to effect NoExecute; set effect: NoExecute or remove tolerationSeconds",
+             field_path=".tolerationSeconds"),
+        rule("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+             "a toleration without a key must use operator Exists (it then tolerates every taint); set key or operator: Exists",
+             field_path=".operator"),
+    ))
     key: str | None = Field(None, max_length=316, pattern=LABEL_KEY)
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = Field(None, max_length=63, pattern=LABEL_VALUE)

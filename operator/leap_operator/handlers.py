@@ -130,7 +130,7 @@ class Controller:
 
         decision = compute_status(run, current, pods, _now(), problems=problems,
                                   backoff_base=self.config.backoff_base, backoff_max=self.config.backoff_max,
-                                  pods_not_created=not_created)
+                                  pods_not_created=not_created, job_outdated=_outdated(current, run, problems))
 
         # Persist first: the attempt number must be durable before its Job exists. A "create"
         # decision never changes the attempt (restarts persist the new one first), so its status
@@ -184,6 +184,9 @@ class Controller:
         elif action == "stop" and current is not None and current_name not in state.deleted:
             await self._delete_job(namespace, current_name, state, logger)
         elif action in ("suspend", "resume") and current is not None:
+            logger.debug("%s Job %s (its shape %s, the run's %s)", action, current_name,
+                         ((current.get("metadata") or {}).get("annotations") or {}).get(names.ANNOTATION_SHAPE),
+                         render.shape_hash(run) if not problems else "-")
             await self.kube.patch("batch/v1", "jobs", namespace, current_name,
                                   {"spec": {"suspend": action == "suspend"}})
         elif action == "delete-run":
@@ -298,6 +301,13 @@ class Controller:
             if await self.kube.patch(names.API_VERSION, names.PLURAL, namespace, name,
                                      {"status": new_status}, subresource="status") is not None:
                 state.progress = new
+
+
+def _outdated(job: dict | None, run: dict, problems: list) -> bool:
+    """The Job was rendered from another shape of the run (a Job without the annotation, made
+    by an older operator, is taken as current)."""
+    shape = ((job or {}).get("metadata") or {}).get("annotations", {}).get(names.ANNOTATION_SHAPE)
+    return bool(shape) and not problems and shape != render.shape_hash(run)
 
 
 def _spec_key(raw: dict) -> str:

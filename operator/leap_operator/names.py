@@ -15,6 +15,9 @@ SHORT_NAMES = ["tr"]
 # Labels on every child object.
 LABEL_RUN = "leap.dev/run"
 LABEL_ATTEMPT = "leap.dev/attempt"
+# On a Job: render.shape_hash() of the spec it was rendered from. Not under "leap.dev/", which kopf
+# owns here (its progress storage prefix) and strips from the bodies it hands over.
+ANNOTATION_SHAPE = "shape.leap.dev/hash"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"

@@ -7,6 +7,8 @@ render_children() validates first (InvalidRun); the render_* helpers assume a va
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from leap_operator import api, names
@@ -331,12 +333,23 @@ def render_job(run: dict, attempt: int = 1, config: OperatorConfig | None = None
     }
     # No Job activeDeadlineSeconds: the run's deadline spans attempts and may be raised while
     # the run runs, so the operator alone keeps it (a Job's own clock restarts per attempt).
+    metadata = _metadata(run, job_name(name, attempt), job_labels)
+    metadata["annotations"] = {names.ANNOTATION_SHAPE: shape_hash(run)}
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(run, job_name(name, attempt), job_labels),
+        "metadata": metadata,
         "spec": job_spec,
     }
+
+
+def shape_hash(run: dict) -> str:
+    """A digest of what shapes the run's pods (its spec less runPolicy, which never does).
+
+    The Job carries it, so a run edited while suspended is recognised on resume: a Job's pod
+    template is immutable, and the new shape needs a new Job (see status.compute_status)."""
+    spec = {k: v for k, v in defaulted(run)["spec"].items() if k != "runPolicy"}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def render_children(run: dict, attempt: int = 1, config: OperatorConfig | None = None) -> list[dict]:

@@ -11,6 +11,8 @@ Decisions (Decision.action):
              then the old Job is deleted; the new Job is created after the backoff
   stop       delete the current Job (deadline exceeded, or failed while workers still run)
   suspend / resume   set the Job's spec.suspend
+  replace    the run was edited while suspended: status moves to attempt+1 (written first), the
+             old Job is deleted, and the new shape's Job is created next (not a restart)
   delete-run ttlSecondsAfterFinished expired
   none       nothing to do; look again after `requeue_after` seconds when set
 """
@@ -43,6 +45,7 @@ R_COMPLETED = "JobCompleted"
 R_ATTEMPT_FAILED = "AttemptFailed"
 R_QUEUED = "Queued"
 R_PREEMPTED = "Preempted"
+R_RESHAPED = "Reshaped"
 R_UNSCHEDULABLE = "Unschedulable"
 R_FAILED_CREATE = "FailedCreate"
 R_REJECTED = "Rejected"          # the API server refused a child object for good (422, 400)
@@ -225,14 +228,16 @@ def worker_counts(spec: dict, job: dict | None, pods: list[dict]) -> dict:
 
 def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.datetime, *,
                    problems: list | None = None, backoff_base: float = DEFAULT_BACKOFF_BASE,
-                   backoff_max: float = DEFAULT_BACKOFF_MAX, pods_not_created: str | None = None) -> Decision:
+                   backoff_max: float = DEFAULT_BACKOFF_MAX, pods_not_created: str | None = None,
+                   job_outdated: bool = False) -> Decision:
     """The run's new status and the next action.
 
     run: the TrainingRun (spec defaulted; status = the last status written);
     job: this attempt's Job (status.attempt, default 1), or None if it does not exist;
     pods: the pods of this attempt; problems: validate_run()'s result (empty: valid);
     pods_not_created: the Job controller's last FailedCreate message for this attempt's Job, if
-    it could not create some of its pods (a missing PriorityClass, a quota, Pod Security...).
+    it could not create some of its pods (a missing PriorityClass, a quota, Pod Security...);
+    job_outdated: the run was edited since its Job was rendered (only possible while Suspended).
     """
     spec = run.get("spec") if isinstance(run.get("spec"), dict) else {}
     old = dict(run.get("status") or {}) if isinstance(run.get("status"), dict) else {}
@@ -381,6 +386,13 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
                 return finish(PENDING, R_PREEMPTED, f"preempted: queue {queue} suspended the Job; "
                               f"it resumes (from its last checkpoint) when readmitted", requeue=requeue())
             return finish(PENDING, R_QUEUED, f"waiting for admission by queue {queue}", requeue=requeue())
+        if job_outdated:
+            # Edited while suspended: the Job's pod template is immutable, so the new shape gets
+            # a new Job, as the next attempt. Not a restart: nothing failed.
+            new["attempt"] = attempt + 1
+            new.pop("jobName", None)
+            return finish(PENDING, R_RESHAPED, f"the run was edited while suspended: attempt {attempt + 1} "
+                          f"starts in its new shape (from the last checkpoint)", action="replace", requeue=0.0)
         return finish(PENDING, "Resuming", "resuming the suspended Job", action="resume", requeue=requeue())
 
     # Running means every worker's pod runs; until then the run waits, and says for what.
