@@ -20,10 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .specs import IMAGE_SIDE
+from .specs import IMAGE_SIDE, WARMUP_FRACTION  # linear warmup over the first 5% of steps, then cosine decay to 0
 
 REPORT_SECONDS = 0.5     # metrics window: cheap enough to be < 1% of step time, fresh enough for dashboards
-WARMUP_FRACTION = 0.05   # linear warmup over the first 5% of steps, then cosine decay to zero
 
 
 @dataclass
