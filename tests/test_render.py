@@ -165,8 +165,8 @@ def test_builtin_workload_becomes_leap_train_arguments():
     assert container["command"] == ["leap-train"]
     assert container["args"] == [
         "--framework", "pytorch", "--workload", "distillation", "--model", "mlp", "--dataset", "digits",
-        "--epochs", "15", "--batch-size", "128", "--lr", "0.001",
-        "--teacher", "mlp-large", "--temperature", "4.0", "--alpha", "0.7"]
+        "--epochs", "10", "--batch-size", "64", "--lr", "0.003",
+        "--teacher", "mlp-large", "--temperature", "4.0", "--alpha", "0.9"]
     assert container["image"] == OperatorConfig().default_image("pytorch", "nvidia-gpu")
 
 

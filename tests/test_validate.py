@@ -201,7 +201,7 @@ def test_defaults_are_applied_like_the_api_server():
 def test_null_fields_are_pruned_then_defaulted_like_the_api_server():
     run = check_run(variant(**{"spec.runPolicy": None, "spec.workload.epochs": None}))
     assert run["spec"]["runPolicy"]["backoffLimit"] == 3
-    assert run["spec"]["workload"]["epochs"] == 5
+    assert run["spec"]["workload"]["epochs"] == 10
 
 
 def test_check_run_raises_invalid_run_with_problems():

@@ -173,7 +173,7 @@ class Workload(_Model):
     dataset: str = Field("digits", max_length=512, pattern=DATASET,
                          description="digits (shipped with the image), synthetic, or an absolute path to a .npz file in the pod.")
     samples: int | None = Field(None, ge=1, le=100_000_000, description="Limit the training set to this many samples (synthetic: generate this many).")
-    epochs: int = Field(5, ge=1, le=100_000, description="Passes over the training set.")
+    epochs: int = Field(specs.DEFAULT_EPOCHS, ge=1, le=100_000, description="Passes over the training set.")
     batchSize: int = Field(64, ge=1, le=1_048_576, description="Batch size per process (per replica); the global batch is batchSize x world size.")
     learningRate: float = Field(specs.DEFAULT_LR, gt=0, le=10, description="Peak learning rate of Adam.")
     distillation: Distillation | None = Field(None, description="Distillation settings (kind: distillation only); defaults apply when omitted.")

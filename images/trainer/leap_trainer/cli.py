@@ -11,7 +11,7 @@ import os
 import sys
 
 from . import contract as c
-from .specs import (DEFAULT_LR, DISTILLATION_ALPHA, DISTILLATION_TEACHER, DISTILLATION_TEMPERATURE, MODEL_LAYERS,
+from .specs import (DEFAULT_EPOCHS, DEFAULT_LR, DISTILLATION_ALPHA, DISTILLATION_TEACHER, DISTILLATION_TEMPERATURE, MODEL_LAYERS,
                     TEACHER_EPOCH_FACTOR)
 
 FRAMEWORKS = ("pytorch", "tensorflow")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (shipped: 4000 train / 1000 test), synthetic, or PATH.npz")
     p.add_argument("--samples", type=_positive(int), default=None,
                    help="training samples (synthetic: how many to generate; digits: a prefix)")
-    p.add_argument("--epochs", type=_positive(int), default=10)
+    p.add_argument("--epochs", type=_positive(int), default=DEFAULT_EPOCHS)
     p.add_argument("--batch-size", type=_positive(int), default=64, help="per process; global = this x world size")
     p.add_argument("--lr", type=_positive(float), default=DEFAULT_LR,
                    help="peak learning rate (PyTorch: 5%% linear warmup, then cosine decay)")
