@@ -212,6 +212,8 @@ def test_keras_distillation_reports_both_student_accuracies(tmp_path: Path):
     # "steps" are the distilled student's (as on the PyTorch path); the student alone trained as many.
     assert summary["steps"] == 2 * (4000 // 128)
     assert summary["temperature"] == 4 and summary["alpha"] == 0.7
+    assert summary["teacher_epochs"] == 6  # 3x the student's by default
+    assert summary["distillation_gain"] == pytest.approx(summary["test_accuracy"] - summary["student_alone_accuracy"])
 
 
 @pytest.mark.slow

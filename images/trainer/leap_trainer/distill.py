@@ -57,7 +57,8 @@ def soft_targets(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tem
     views = 0
     for dy in range(-pixels, pixels + 1):
         for dx in range(-pixels, pixels + 1):
-            probabilities = softmax(np.asarray(predict(shift_images(x, dy, dx, fill))), temperature)
+            view = shift_images(x, dy, dx, fill) if pixels else x
+            probabilities = softmax(np.asarray(predict(view)), temperature)
             total = probabilities if views == 0 else total + probabilities
             views += 1
     return (total / views).astype(np.float32)
