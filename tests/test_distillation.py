@@ -89,3 +89,18 @@ def test_torch_random_shift_is_a_shift_of_each_image():
     for row, image in zip(shifted, x.numpy()):
         candidates = [shift_images(image[None], dy, dx, -9.0)[0] for dy in range(-2, 3) for dx in range(-2, 3)]
         assert any(np.array_equal(row, c) for c in candidates)
+
+
+def test_keras_random_shift_is_a_shift_of_each_image_in_training_only():
+    import numpy as np
+
+    from leap_trainer.distill import shift_images
+    from leap_trainer.tf_models import RandomShift
+    x = np.random.default_rng(1).standard_normal((16, 784)).astype(np.float32)
+    layer = RandomShift(2, fill=-9.0, seed=3)
+    shifted = np.asarray(layer(x, training=True))
+    for row, image in zip(shifted, x):
+        candidates = [shift_images(image[None], dy, dx, -9.0)[0] for dy in range(-2, 3) for dx in range(-2, 3)]
+        assert any(np.array_equal(row, c) for c in candidates)
+    assert not np.array_equal(shifted, x)
+    assert np.array_equal(np.asarray(layer(x, training=False)), x)
