@@ -104,3 +104,17 @@ def test_keras_random_shift_is_a_shift_of_each_image_in_training_only():
         assert any(np.array_equal(row, c) for c in candidates)
     assert not np.array_equal(shifted, x)
     assert np.array_equal(np.asarray(layer(x, training=False)), x)
+
+
+def test_leap_run_summary_shows_the_three_accuracies_and_the_gain():
+    from rich.console import Console
+
+    from leap_operator.local.display import summary_table
+    summary = {"test_accuracy": 0.956, "student_alone_accuracy": 0.947, "teacher_accuracy": 0.976,
+               "distillation_gain": 0.009, "steps": 620, "world_size": 1, "device": "cpu"}
+    console = Console(record=True, width=100)
+    console.print(summary_table(summary, attempts=1, total_seconds=12.0))
+    text = console.export_text()
+    for expected in ("95.60%", "student alone accuracy", "94.70%", "teacher accuracy", "97.60%",
+                     "distillation gain", "+0.9 points"):
+        assert expected in text, text
