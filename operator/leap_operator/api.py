@@ -14,8 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from leap_trainer import contract
-from leap_trainer import specs
+from leap_trainer import contract, specs
 from leap_trainer.specs import MODEL_LAYERS
 
 # --- Small shared vocabularies --------------------------------------------------------------
