@@ -1,7 +1,7 @@
 """Scale benchmark: the real operator (`leap operator`, kopf) against kmock's Kubernetes emulator.
 
 It creates N TrainingRuns (default 1,000; shapes taken from manifests/examples: CPU, multi-node
-GPU, distillation, single-host and multi-host TPU) at a steady rate, plays the Job controller
+GPU, distillation and single-host TPU) at a steady rate, plays the Job controller
 (each Job goes active as soon as it exists), and once all N runs are live completes their Jobs
 at the same rate. Everything is measured on the emulator's side, from the requests it answers:
 
@@ -47,7 +47,7 @@ from emulator import Emulator, OperatorProcess, method_of, wait_for  # noqa: E40
 from leap_operator import names  # noqa: E402
 from leap_trainer.devices import cpu_model  # noqa: E402
 
-SHAPES = ["mnist-cpu", "ddp-multinode-gpu", "distillation-gpu", "keras-tpu", "keras-tpu-multihost"]
+SHAPES = ["mnist-cpu", "ddp-multinode-gpu", "distillation-gpu", "keras-tpu"]
 NAMESPACES = [f"bench-{i}" for i in range(10)]
 DRIVER_AGENT = "Python-urllib"  # the benchmark's own requests (Emulator.request uses urllib)
 WRITES = {"POST", "PATCH", "PUT", "DELETE"}

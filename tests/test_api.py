@@ -135,13 +135,32 @@ def test_cel_worker_rule_agrees_with_tpu_slice_for_every_known_topology():
     for tpu_type, facts in api.TPU_TYPES.items():
         for topology in facts["topologies"]:
             hosts = api.tpu_slice(tpu_type, topology)["hosts"]
-            spec = {"framework": "tensorflow", "workload": {}, "workers": hosts,
+            # pytorch: a user's own program (JAX, PyTorch/XLA) may use multi-host slices; TensorFlow may not.
+            spec = {"framework": "pytorch", "workload": {}, "workers": hosts,
                     "accelerator": {"type": "google-tpu", "tpu": {"type": tpu_type, "topology": topology}}}
             assert list(cel_check(schema, spec, path="spec")) == [], (tpu_type, topology)
             spec["workers"] = hosts + 1
             assert [f for f, _, _ in cel_check(schema, spec, path="spec")] == ["spec.workers"]
             del spec["workers"]
             assert api.resolved_workers(spec) == hosts
+
+
+def test_tensorflow_is_refused_exactly_on_multi_host_tpu_slices():
+    schema = crd.openapi_schema()["properties"]["spec"]
+    single = []
+    for tpu_type, facts in api.TPU_TYPES.items():
+        for topology in facts["topologies"]:
+            spec = {"framework": "tensorflow", "workload": {},
+                    "accelerator": {"type": "google-tpu", "tpu": {"type": tpu_type, "topology": topology}}}
+            problems = list(cel_check(schema, spec, path="spec"))
+            if api.tpu_slice(tpu_type, topology)["hosts"] == 1:
+                assert problems == [], (tpu_type, topology, problems)
+                single.append(f"{tpu_type} {topology}")
+            else:
+                assert [(f, m) for f, m, _ in problems] == [("spec.accelerator.tpu.topology", api.TF_MULTI_HOST_TPU_MESSAGE)]
+    assert single == ["tpu-v5-lite-podslice 1x1", "tpu-v5-lite-podslice 2x2", "tpu-v5-lite-podslice 2x4",
+                      "tpu-v6e-slice 1x1", "tpu-v6e-slice 2x2", "tpu-v6e-slice 2x4",
+                      "tpu-v4-podslice 2x2x1", "tpu-v5p-slice 2x2x1"]
 
 
 def test_resolved_procs_per_worker():

@@ -142,9 +142,14 @@ def test_gpu_run_is_scheduled_onto_the_gpu_node(cluster):
 
 
 def test_multi_host_tpu_run_puts_one_pod_on_each_host_of_the_slice(cluster):
+    """A user's own program (PyTorch/XLA or JAX) on a v5e 4x4 slice: four hosts, one pod each."""
     ns = cluster.namespace("tpu-run")
-    create(cluster, example("keras-tpu-multihost", ns))
-    pods = running_pods(cluster, ns, render.job_name("keras-tpu-multihost", 1), 4)
+    run = {"apiVersion": names.API_VERSION, "kind": names.KIND, "metadata": {"name": "xla-4x4", "namespace": ns},
+           "spec": {"framework": "pytorch", "image": "registry.example/team/xla-train:1",
+                    "command": ["python", "train.py"],
+                    "accelerator": {"type": "google-tpu", "tpu": {"type": "tpu-v5-lite-podslice", "topology": "4x4"}}}}
+    create(cluster, run)
+    pods = running_pods(cluster, ns, render.job_name("xla-4x4", 1), 4)
     hosts = sorted(p["spec"]["nodeName"] for p in pods)
     assert hosts == [f"tpu-v5e-a-{i}" for i in range(4)], hosts
 

@@ -165,8 +165,8 @@ def test_builtin_workload_becomes_leap_train_arguments():
     assert container["command"] == ["leap-train"]
     assert container["args"] == [
         "--framework", "pytorch", "--workload", "distillation", "--model", "mlp", "--dataset", "digits",
-        "--epochs", "15", "--batch-size", "128", "--lr", "0.001",
-        "--teacher", "mlp-large", "--temperature", "4.0", "--alpha", "0.7"]
+        "--epochs", "10", "--batch-size", "64", "--lr", "0.003",
+        "--teacher", "mlp-large", "--temperature", "4.0", "--alpha", "0.9"]
     assert container["image"] == OperatorConfig().default_image("pytorch", "nvidia-gpu")
 
 
@@ -183,8 +183,19 @@ def test_custom_command_and_image_pass_through():
     strict_validate(job)
 
 
+def multi_host_tpu_program(name: str = "tpu-multihost") -> dict:
+    """A user's own program (e.g. JAX or PyTorch/XLA in their image) on a multi-host v5e 4x4 slice:
+    4 VMs x 4 chips. (TensorFlow is refused on multi-host slices; see test_api/test_validate.)"""
+    run = load("keras-tpu")
+    run["metadata"]["name"] = name
+    run["spec"].pop("workload")
+    run["spec"].update(framework="pytorch", image="example.com/me/jax-tpu:1", command=["python", "-m", "train"])
+    run["spec"]["accelerator"]["tpu"]["topology"] = "4x4"
+    return run
+
+
 def test_tpu_multihost_slice():
-    _, job = render_children(load("keras-tpu-multihost"))
+    _, job = render_children(multi_host_tpu_program())
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4  # derived: 16 chips / 4 per host
     pod = job["spec"]["template"]["spec"]
     container = container_of(job)
@@ -194,11 +205,10 @@ def test_tpu_multihost_slice():
                                    "cloud.google.com/gke-tpu-topology": "4x4"}
     assert {"key": "google.com/tpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     env = env_of(job)
-    hosts = [f"keras-tpu-multihost-a1-{i}.keras-tpu-multihost.default.svc.cluster.local" for i in range(4)]
+    hosts = [f"tpu-multihost-a1-{i}.tpu-multihost.default.svc.cluster.local" for i in range(4)]
     assert env[contract.ENV_TPU_WORKER_HOSTNAMES] == ",".join(hosts)
     assert env[contract.ENV_TPU_WORKER_ID] == env[contract.ENV_WORKER_INDEX]
-    assert env[contract.ENV_WORKER_HOSTS] == ",".join(f"{h}:{contract.DEFAULT_TF_PORT}" for h in hosts)
-    assert contract.ENV_MASTER_ADDR not in env  # TensorFlow: no torch rendezvous
+    strict_validate(job)
 
 
 def test_tpu_single_host_slice_takes_all_chips():
@@ -290,13 +300,30 @@ def test_tensorflow_workers_get_a_consistent_cluster_from_the_trainers_own_parse
     assert [p.is_chief for p in plans] == [True, False]
 
 
-def test_tpu_pods_are_recognised_as_tpu_hosts_by_the_trainer():
-    from leap_trainer.tf_strategy import TPU, choose_strategy
-    _, job = render_children(load("keras-tpu-multihost"))
+def test_tensorflow_on_a_multi_host_slice_is_refused_by_render_and_by_the_trainer_on_every_host():
+    from leap_operator.validation import InvalidRun
+    from leap_trainer.tf_strategy import StrategyConfigError, choose_strategy
+    run = multi_host_tpu_program("tf-multihost")
+    for key in ("image", "command"):
+        run["spec"].pop(key)
+    run["spec"].update(framework="tensorflow", workload={"model": "mlp-large"})
+    with pytest.raises(InvalidRun, match="multi-host TPU slice is not supported"):
+        render_children(run)
+    # Started on such a slice by other means (a hand-written Job), leap-train refuses on every host
+    # instead of training one unsynchronised model per host. The TPU env is the one Leap renders.
+    _, job = render_children(multi_host_tpu_program())
     for index in range(4):
         env = pod_env(job, index)
-        assert choose_strategy(env).kind == TPU
         assert env[contract.ENV_TPU_WORKER_ID] == str(index)
+        with pytest.raises(StrategyConfigError, match="multi-host TPU slice is not supported"):
+            choose_strategy(env)
+
+
+def test_tpu_pods_of_a_single_host_slice_are_recognised_as_tpu_hosts_by_the_trainer():
+    from leap_trainer.tf_strategy import TPU, choose_strategy
+    _, job = render_children(load("keras-tpu"))
+    plan = choose_strategy(pod_env(job, 0))
+    assert (plan.kind, plan.workers, plan.is_chief) == (TPU, 1, True)
 
 
 def test_a_limit_below_the_default_request_lowers_the_request():

@@ -103,8 +103,18 @@ def test_tf_config_is_built_from_leap_worker_env():
 def test_tpu_resolver_target_and_host_rank():
     assert choose_strategy({contract.ENV_ACCELERATOR: "google-tpu"}).tpu == "local"  # TPU VM / GKE: attached
     assert choose_strategy({"TPU_NAME": "my-tpu"}).tpu is None                     # resolver reads TPU_NAME
-    host = choose_strategy({contract.ENV_TPU_WORKER_ID: "1", contract.ENV_TPU_WORKER_HOSTNAMES: "t0,t1"})
-    assert (host.workers, host.worker_index, host.is_chief) == (2, 1, False)
+    host = choose_strategy({contract.ENV_TPU_WORKER_ID: "0", contract.ENV_TPU_WORKER_HOSTNAMES: "t0"})
+    assert (host.kind, host.workers, host.worker_index, host.is_chief) == (TPU, 1, 0, True)
+
+
+def test_a_multi_host_tpu_slice_is_refused_by_the_trainer_too():
+    # TPUStrategy drives one host: on every host of a multi-host slice it would train its own model.
+    # The CRD refuses such runs; leap-train refuses them as well when started there by other means.
+    for worker_id in ("0", "1"):
+        with pytest.raises(StrategyConfigError) as error:
+            choose_strategy({contract.ENV_TPU_WORKER_ID: worker_id, contract.ENV_TPU_WORKER_HOSTNAMES: "t0,t1"})
+        assert contract.TF_MULTI_HOST_TPU_UNSUPPORTED in str(error.value)
+        assert contract.ENV_TPU_WORKER_HOSTNAMES in str(error.value) and "single-host" in str(error.value)
 
 
 def test_libtpu_stays_unloaded_only_where_there_is_no_tpu():
@@ -202,6 +212,8 @@ def test_keras_distillation_reports_both_student_accuracies(tmp_path: Path):
     # "steps" are the distilled student's (as on the PyTorch path); the student alone trained as many.
     assert summary["steps"] == 2 * (4000 // 128)
     assert summary["temperature"] == 4 and summary["alpha"] == 0.7
+    assert summary["teacher_epochs"] == 6  # 3x the student's by default
+    assert summary["distillation_gain"] == pytest.approx(summary["test_accuracy"] - summary["student_alone_accuracy"])
 
 
 @pytest.mark.slow

@@ -125,6 +125,8 @@ def test_distillation_reports_teacher_student_and_student_alone(tmp_path):
     assert summary["workload"] == "distillation"
     for key in ("test_accuracy", "teacher_accuracy", "student_alone_accuracy"):
         assert 0.8 <= summary[key] <= 1.0, (key, summary[key])
+    assert summary["teacher_epochs"] == 9  # 3x the student's by default
+    assert summary["distillation_gain"] == pytest.approx(summary["test_accuracy"] - summary["student_alone_accuracy"])
     assert (ckpt / "teacher.pt").exists()
     # A restart (configured like a pod: the directory from LEAP_CHECKPOINT_DIR) reuses the trained
     # teacher instead of training it again, and the summary defaults to <checkpoint dir>/summary.json.

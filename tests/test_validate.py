@@ -87,6 +87,8 @@ BAD_RUNS = [
      "spec.accelerator.tpu.topology", "2x2x1"),
     ("tpu-workers-not-host-count", variant(**{"spec.framework": "tensorflow", "spec.workers": 2, "spec.accelerator": V5E_4X4}),
      "spec.workers", "must be 4"),
+    ("tensorflow-on-multi-host-tpu", variant(**{"spec.framework": "tensorflow", "spec.workers": DELETE, "spec.accelerator": V5E_4X4}),
+     "spec.accelerator.tpu.topology", "Use a single-host slice: tpu-v5-lite-podslice 1x1, 2x2, 2x4"),
     ("count-on-cpu", variant(**{"spec.accelerator.count": 2}), "spec.accelerator.count", "nvidia-gpu"),
     ("gpu-count-zero", variant(**{"spec.accelerator": {"type": "nvidia-gpu", "count": 0}}), "spec.accelerator.count", ">= 1"),
     ("gpu-product-with-spaces", variant(**{"spec.accelerator": {**GPU, "product": "NVIDIA H100"}}), "spec.accelerator.product", "label value"),
@@ -200,7 +202,7 @@ def test_unreadable_input_is_an_error(tmp_path, capsys):
 def test_defaults_are_applied_like_the_api_server():
     run = check_run(BASE)
     spec = run["spec"]
-    assert spec["workload"]["batchSize"] == 64 and spec["workload"]["learningRate"] == 0.001
+    assert spec["workload"]["batchSize"] == 64 and spec["workload"]["learningRate"] == 0.003
     assert spec["procsPerWorker"] == "auto"
     assert spec["runPolicy"] == {"backoffLimit": 3, "suspend": False}
     assert spec["metrics"] == {"port": 9400} and spec["checkpoint"] == {"everySteps": 500}
@@ -210,7 +212,7 @@ def test_defaults_are_applied_like_the_api_server():
 def test_null_fields_are_pruned_then_defaulted_like_the_api_server():
     run = check_run(variant(**{"spec.runPolicy": None, "spec.workload.epochs": None}))
     assert run["spec"]["runPolicy"]["backoffLimit"] == 3
-    assert run["spec"]["workload"]["epochs"] == 5
+    assert run["spec"]["workload"]["epochs"] == 10
 
 
 def test_check_run_raises_invalid_run_with_problems():

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from leap_trainer import contract
+from leap_trainer import contract, specs
 from leap_trainer.specs import MODEL_LAYERS
 
 # --- Small shared vocabularies --------------------------------------------------------------
@@ -136,6 +136,25 @@ def _cel_first_present(values, present: str) -> str:
     return f"({chain} : '')"
 
 
+def single_host_topologies(tpu_type: str) -> tuple[str, ...]:
+    """The topologies of `tpu_type` whose slice is one host (VM)."""
+    return tuple(t for t in TPU_TYPES[tpu_type]["topologies"] if tpu_slice(tpu_type, t)["hosts"] == 1)
+
+
+# TensorFlow trains on TPUs with TPUStrategy, which drives every chip of a slice from one client
+# process. Google documents TensorFlow on multi-host slices only for Cloud TPU VMs created with a
+# "-pod" TensorFlow runtime (which runs TensorFlow servers on the other hosts), not on GKE, where
+# every host is a pod of its own; GKE's Multislice supports JAX and PyTorch; TPU7x (Ironwood) has no
+# TensorFlow at all. So Leap runs TensorFlow on single-host slices only, and says so.
+TF_MULTI_HOST_TPU_MESSAGE = (
+    contract.TF_MULTI_HOST_TPU_UNSUPPORTED + ". Use a single-host slice: "
+    + "; ".join(f"{name} {', '.join(single_host_topologies(name))}" for name in TPU_TYPES)
+    + ". Multi-host slices remain open to your own program (framework: pytorch with spec.image and "
+    "spec.command, e.g. PyTorch/XLA or JAX, which Google supports on multi-host GKE slices)."
+)
+
+
+
 def _cel_tpu_hosts_map() -> str:
     """CEL map literal {type: {topology: hosts}} generated from TPU_TYPES (so CEL and tpu_slice() agree)."""
     per_type = []
@@ -149,9 +168,11 @@ def _cel_tpu_hosts_map() -> str:
 
 class Distillation(_Model):
     """Knowledge distillation: a teacher model is trained first, then the student learns from its softened outputs."""
-    teacher: Literal[MODELS] = Field("mlp-large", description="Teacher model; should be larger than the student (workload.model).")
-    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature applied to teacher and student logits.")
-    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the distillation loss; 1 - alpha weighs the hard-label loss.")
+    teacher: Literal[MODELS] = Field(specs.DISTILLATION_TEACHER, description=(
+        f"Teacher model; should be larger than the student (workload.model). It trains {specs.TEACHER_EPOCH_FACTOR}x "
+        "the workload's epochs on randomly shifted images."))
+    temperature: float = Field(specs.DISTILLATION_TEMPERATURE, gt=0, le=100, description="Softmax temperature applied to teacher and student logits.")
+    alpha: float = Field(specs.DISTILLATION_ALPHA, ge=0, le=1, description="Weight of the distillation loss; 1 - alpha weighs the hard-label loss.")
 
 
 class Workload(_Model):
@@ -169,9 +190,9 @@ class Workload(_Model):
     dataset: str = Field("digits", max_length=512, pattern=DATASET,
                          description="digits (shipped with the image), synthetic, or an absolute path to a .npz file in the pod.")
     samples: int | None = Field(None, ge=1, le=100_000_000, description="Limit the training set to this many samples (synthetic: generate this many).")
-    epochs: int = Field(5, ge=1, le=100_000, description="Passes over the training set.")
+    epochs: int = Field(specs.DEFAULT_EPOCHS, ge=1, le=100_000, description="Passes over the training set.")
     batchSize: int = Field(64, ge=1, le=1_048_576, description="Batch size per process (per replica); the global batch is batchSize x world size.")
-    learningRate: float = Field(0.001, gt=0, le=10, description="Optimizer learning rate.")
+    learningRate: float = Field(specs.DEFAULT_LR, gt=0, le=10, description="Peak learning rate of Adam.")
     distillation: Distillation | None = Field(None, description="Distillation settings (kind: distillation only); defaults apply when omitted.")
 
 
@@ -372,6 +393,10 @@ def _spec_rules() -> dict:
                                 "', the number of hosts in a ' + self.accelerator.tpu.topology + ' ' + self.accelerator.tpu.type + "
                                 "' slice; omit workers to derive it'",
              field_path=".workers"),
+        rule("self.framework != 'tensorflow' || self.accelerator.type != 'google-tpu' || !has(self.accelerator.tpu) || "
+             f"!(self.accelerator.tpu.topology in {_HOSTS}[self.accelerator.tpu.type]) || "
+             f"{_HOSTS}[self.accelerator.tpu.type][self.accelerator.tpu.topology] == 1",
+             TF_MULTI_HOST_TPU_MESSAGE, field_path=".accelerator.tpu.topology"),
         rule("self.framework != 'tensorflow' || !has(self.procsPerWorker) || type(self.procsPerWorker) == string || self.procsPerWorker == 1",
              "TensorFlow runs one process per worker (it drives all local devices); set procsPerWorker to auto or 1",
              field_path=".procsPerWorker"),

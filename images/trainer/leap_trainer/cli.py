@@ -16,7 +16,8 @@ import os
 import sys
 
 from . import contract as c
-from .specs import MODEL_LAYERS
+from .specs import (DEFAULT_EPOCHS, DEFAULT_LR, DISTILLATION_ALPHA, DISTILLATION_TEACHER, DISTILLATION_TEMPERATURE, MODEL_LAYERS,
+                    TEACHER_EPOCH_FACTOR)
 
 FRAMEWORKS = ("pytorch", "tensorflow")
 WORKLOADS = ("classifier", "distillation")
@@ -120,13 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (shipped: 4000 train / 1000 test), synthetic, or PATH.npz")
     p.add_argument("--samples", type=_positive(int), default=None,
                    help="training samples (synthetic: how many to generate; digits: a prefix)")
-    p.add_argument("--epochs", type=_positive(int), default=10)
+    p.add_argument("--epochs", type=_positive(int), default=DEFAULT_EPOCHS)
     p.add_argument("--batch-size", type=_positive(int), default=64, help="per process; global = this x world size")
-    p.add_argument("--lr", type=_positive(float), default=1e-3,
+    p.add_argument("--lr", type=_positive(float), default=DEFAULT_LR,
                    help="peak learning rate (PyTorch: 5%% linear warmup, then cosine decay)")
-    p.add_argument("--teacher", choices=sorted(MODEL_LAYERS), default="mlp-large", help="distillation teacher")
-    p.add_argument("--temperature", type=_positive(float), default=4.0, help="distillation softmax temperature")
-    p.add_argument("--alpha", type=_fraction, default=0.7, help="weight of the distillation (KL) term, 0..1")
+    p.add_argument("--teacher", choices=sorted(MODEL_LAYERS), default=DISTILLATION_TEACHER, help="distillation teacher")
+    p.add_argument("--teacher-epochs", type=_positive(int), default=None,
+                   help=f"epochs the distillation teacher trains; default: {TEACHER_EPOCH_FACTOR} x --epochs")
+    p.add_argument("--temperature", type=_positive(float), default=DISTILLATION_TEMPERATURE,
+                   help="distillation softmax temperature")
+    p.add_argument("--alpha", type=_fraction, default=DISTILLATION_ALPHA,
+                   help="weight of the distillation (KL) term, 0..1")
     p.add_argument("--checkpoint-dir", default=env.get(c.ENV_CHECKPOINT_DIR) or None,
                    help=f"resume from and save to this directory; default: ${c.ENV_CHECKPOINT_DIR}")
     p.add_argument("--checkpoint-every", type=_non_negative_int, default=None,

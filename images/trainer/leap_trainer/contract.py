@@ -37,6 +37,10 @@ ENV_PET_NODE_RANK = "PET_NODE_RANK"
 ENV_PET_NPROC_PER_NODE = "PET_NPROC_PER_NODE"
 
 # --- TensorFlow / TPU -----------------------------------------------------------------------
+# Refused by the CRD, `leap validate` and leap-train alike (see docs/images.md, "TPUs").
+TF_MULTI_HOST_TPU_UNSUPPORTED = (
+    "TensorFlow on a multi-host TPU slice is not supported (TPUStrategy drives one host; nothing on GKE "
+    "connects the other hosts' chips to it, so each host would train a separate model)")
 ENV_TF_CONFIG = "TF_CONFIG"
 ENV_TPU_WORKER_ID = "TPU_WORKER_ID"
 ENV_TPU_WORKER_HOSTNAMES = "TPU_WORKER_HOSTNAMES"

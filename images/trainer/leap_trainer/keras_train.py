@@ -7,8 +7,9 @@ Same workloads, data, metrics and summary as the PyTorch path, on tf.distribute:
   step per call for small models), and the callbacks run once per such group;
 - each training phase checkpoints into <checkpoint-dir>/keras/<phase>/ and resumes from it.
 
-Distillation runs three phases: the teacher (or loads it), the student trained alone (the
-baseline the summary compares against) and the distilled student, for the same steps.
+Distillation runs three phases: the teacher (trained on shifted images, see leap_trainer.distill),
+the student trained alone (the baseline the summary compares against) and the distilled student,
+from the same initial weights, in the same data order, for the same steps.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from leap_trainer.tf_strategy import (
 FRAMEWORK = "tensorflow"
 STEPS_PER_EXECUTION = 50
 EVAL_BATCH = 1000
-DEFAULT_TEACHER = "mlp-large"
 CLASSIFIER_PHASES = ("classifier",)
 DISTILLATION_PHASES = ("teacher", "student-alone", "distilled-student")
 PHASE_SEEDS = {"classifier": 0, "teacher": 1, "student-alone": 2, "distilled-student": 2}
@@ -110,11 +110,17 @@ def main(args) -> int:
         )
 
     workload_steps = steps_per_epoch * args.epochs
+    if args.workload == "distillation":
+        from leap_trainer.specs import teacher_epochs
+
+        total_steps = steps_per_epoch * teacher_epochs(args.epochs, args.teacher_epochs) + 2 * workload_steps
+    else:
+        total_steps = workload_steps
     device = describe_device(plan)
     dtype = "bf16" if plan.kind == TPU else "fp32"
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     phases = DISTILLATION_PHASES if args.workload == "distillation" else CLASSIFIER_PHASES
-    metrics = open_metrics(args, plan, device, dtype, total_steps=workload_steps * len(phases),
+    metrics = open_metrics(args, plan, device, dtype, total_steps=total_steps,
                            initial_step=checkpointed_steps(checkpoint_dir, phases))
     worker_batch = global_batch // max(1, plan.workers)
     run = Run(args, plan, strategy, dataset, global_batch, worker_batch, steps_per_epoch, metrics, checkpoint_dir)
@@ -174,7 +180,7 @@ def validate_args(args) -> None:
     if args.workload not in ("classifier", "distillation"):
         raise SystemExit(f"leap-train: --workload {args.workload!r} is unknown; choose classifier or distillation")
     if args.workload == "distillation":
-        teacher = args.teacher or DEFAULT_TEACHER
+        teacher = args.teacher
         if teacher not in MODEL_LAYERS:
             raise SystemExit(f"leap-train: --teacher {teacher!r} is unknown; choose one of {sorted(MODEL_LAYERS)}")
         if args.temperature is None or args.temperature <= 0:
@@ -192,8 +198,12 @@ def build(model_name: str):
     return build_mlp(MODEL_LAYERS[model_name], name=model_name.replace("-", "_"))
 
 
-def compiled(model, lr: float, plan: StrategyPlan):
+def compiled(model, lr: float, plan: StrategyPlan, *, cosine_steps: int | None = None):
+    """Compile with Adam at `lr` (constant), or with warmup + cosine decay to 0 over `cosine_steps`
+    (the distillation teacher, as on the PyTorch path)."""
     import keras
+
+    from leap_trainer.specs import WARMUP_FRACTION
 
     steps_per_execution = STEPS_PER_EXECUTION
     if plan.kind == MULTI_WORKER:
@@ -201,9 +211,13 @@ def compiled(model, lr: float, plan: StrategyPlan):
 
         patch_model_for_multi_worker(model)
         steps_per_execution = MULTI_WORKER_STEPS_PER_EXECUTION
+    if cosine_steps:
+        warmup = max(1, int(cosine_steps * WARMUP_FRACTION))
+        lr = keras.optimizers.schedules.CosineDecay(0.0, max(cosine_steps - warmup, 1), warmup_target=lr,
+                                                    warmup_steps=warmup)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss=None if hasattr(model, "teacher") else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=None if hasattr(model, "student") else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution,
         jit_compile=plan.kind == TPU,  # XLA is how TPUs run anyway; on CPU it only adds compile time
@@ -220,12 +234,13 @@ def model_flops_per_sample(model_name: str) -> float:
 
 # --- training phases -------------------------------------------------------------------------------
 
-def train_dataset(run: Run, seed: int):
-    """One epoch of shuffled global batches; each worker keeps its share (DATA auto-sharding)."""
+def train_dataset(run: Run, seed: int, soft_targets=None):
+    """One epoch of shuffled global batches; each worker keeps its share (DATA auto-sharding).
+    With distillation's soft targets, y = (labels, targets); the order depends only on the seed."""
     import tensorflow as tf
 
-    x, y = run.dataset.x_train, run.dataset.y_train
-    data = tf.data.Dataset.from_tensor_slices((x, y.astype("int32")))
+    x, y = run.dataset.x_train, run.dataset.y_train.astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((x, y if soft_targets is None else (y, soft_targets)))
     data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
     # drop_remainder: every step has the same shape (TPUs need it) and steps_per_epoch is exact.
     data = data.batch(run.global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -243,7 +258,7 @@ def test_dataset(run: Run):
     return data.batch(EVAL_BATCH).with_options(options)
 
 
-def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
+def train_phase(run: Run, name: str, make_model: Callable[[], Any], *, epochs: int | None = None, soft_targets=None):
     """Build (in the strategy's scope), resume, fit and evaluate one phase; returns the model."""
     import keras
 
@@ -262,7 +277,8 @@ def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
     if state:
         log(f"{name}: resumed from {checkpoints.directory / state.weights} at step {resumed}")
 
-    total = run.steps_per_epoch * run.args.epochs
+    epochs = epochs or run.args.epochs
+    total = run.steps_per_epoch * epochs
     clock = PhaseClock(global_batch=run.global_batch, worker_batch=run.worker_batch)
     callbacks = [MetricsReporter(run.metrics, clock, memory_device=memory_device(run.plan))]
     if checkpoints:
@@ -273,18 +289,18 @@ def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
     losses: list[float] = []
     if resumed < total and into_epoch:
         # Finish the interrupted epoch with its remaining batches, then carry on epoch by epoch.
-        history = model.fit(train_dataset(run, seed).take(run.steps_per_epoch - into_epoch), initial_epoch=epoch,
+        history = model.fit(train_dataset(run, seed, soft_targets).take(run.steps_per_epoch - into_epoch), initial_epoch=epoch,
                             epochs=epoch + 1, callbacks=callbacks, verbose=0)
         losses += history.history.get("loss", [])
         epoch += 1
-    if epoch < run.args.epochs:
-        history = model.fit(train_dataset(run, seed), initial_epoch=epoch, epochs=run.args.epochs,
+    if epoch < epochs:
+        history = model.fit(train_dataset(run, seed, soft_targets), initial_epoch=epoch, epochs=epochs,
                             callbacks=callbacks, verbose=0)
         losses += history.history.get("loss", [])
     train_seconds = time.perf_counter() - began
     steps = optimizer_steps(model)
     if checkpoints and run.plan.is_chief and not (state and state.done and state.step == steps):
-        checkpoints.save(model, step=steps, epoch=run.args.epochs, done=True)
+        checkpoints.save(model, step=steps, epoch=epochs, done=True)
 
     accuracy = float(model.evaluate(test_dataset(run), verbose=0, return_dict=True)["accuracy"])
     run.metrics.set_accuracy(accuracy)
@@ -296,34 +312,42 @@ def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
 
 
 def distill(run: Run) -> dict[str, Any]:
-    from leap_trainer.tf_models import Distiller
+    import numpy as np
+
+    from leap_trainer.distill import background, soft_targets
+    from leap_trainer.specs import TEACHER_SHIFT_PIXELS, teacher_epochs
+    from leap_trainer.summary import distillation_summary
+    from leap_trainer.tf_models import Distiller, build_shifted
 
     args = run.args
-    teacher_name = args.teacher or DEFAULT_TEACHER
-    # The student is the --model (the small one); the teacher is bigger.
-    student_name = args.model
-    teacher = train_phase(run, "teacher", lambda: compiled(build(teacher_name), args.lr, run.plan))
+    # The student is the --model (the small one); the teacher is bigger, trains longer, on shifted images.
+    student_name, teacher_name = args.model, args.teacher
+    epochs_of_teacher = teacher_epochs(args.epochs, args.teacher_epochs)
+    fill = background(run.dataset.x_train)
+    teacher = train_phase(
+        run, "teacher",
+        lambda: compiled(build_shifted(build(teacher_name), TEACHER_SHIFT_PIXELS, fill, seed=args.seed),
+                         args.lr, run.plan, cosine_steps=run.steps_per_epoch * epochs_of_teacher),
+        epochs=epochs_of_teacher)
+
+    def predict(x):
+        return np.asarray(teacher.predict(x, batch_size=EVAL_BATCH, verbose=0), dtype=np.float32)
+
+    targets = soft_targets(predict, run.dataset.x_train, args.temperature)
     train_phase(run, "student-alone", lambda: compiled(build(student_name), args.lr, run.plan))
 
     def make_distiller():
-        student = build(student_name)  # first, so it draws the same initial weights as student-alone
-        frozen_teacher = build(teacher_name)
-        frozen_teacher.set_weights(teacher.get_weights())
-        distiller = Distiller(student, frozen_teacher, temperature=args.temperature, alpha=args.alpha)
+        distiller = Distiller(build(student_name), temperature=args.temperature, alpha=args.alpha)
         distiller(run.dataset.x_test[:1])  # build, so checkpoints can be loaded into it
         return compiled(distiller, args.lr, run.plan)
 
-    distiller = train_phase(run, "distilled-student", make_distiller)
+    distiller = train_phase(run, "distilled-student", make_distiller, soft_targets=targets)
     save_final_model(run, distiller.student)
     teacher_phase, alone_phase, distilled_phase = run.phases
-    return {
-        "test_accuracy": distilled_phase.accuracy,
-        "student_alone_accuracy": alone_phase.accuracy,
-        "teacher_accuracy": teacher_phase.accuracy,
-        "teacher": teacher_name,
-        "temperature": args.temperature,
-        "alpha": args.alpha,
-    }
+    return {"test_accuracy": distilled_phase.accuracy, **distillation_summary(
+        teacher=teacher_name, teacher_accuracy=teacher_phase.accuracy, student_alone_accuracy=alone_phase.accuracy,
+        distilled_accuracy=distilled_phase.accuracy, temperature=args.temperature, alpha=args.alpha,
+        teacher_epochs=epochs_of_teacher)}
 
 
 # --- outputs ---------------------------------------------------------------------------------------

@@ -18,11 +18,23 @@ def write_summary(path: str | None, summary: dict[str, Any]) -> None:
     os.replace(tmp, target)
 
 
+def distillation_summary(*, teacher: str, teacher_accuracy: float, student_alone_accuracy: float,
+                         distilled_accuracy: float, temperature: float, alpha: float, teacher_epochs: int) -> dict:
+    """The keys a distillation run adds to the summary (both frameworks); `test_accuracy` is the
+    distilled student's, and `distillation_gain` what distillation added over the same student
+    trained alone (same initial weights, data order and steps)."""
+    return {"teacher": teacher, "teacher_accuracy": teacher_accuracy, "teacher_epochs": teacher_epochs,
+            "student_alone_accuracy": student_alone_accuracy, "distillation_gain": round(distilled_accuracy - student_alone_accuracy, 6),
+            "temperature": temperature, "alpha": alpha}
+
+
 def human_line(summary: dict[str, Any]) -> str:
     parts = [f"test accuracy {summary['test_accuracy'] * 100:.1f}%"]
     if summary.get("student_alone_accuracy") is not None:
         parts.append(f"student alone {summary['student_alone_accuracy'] * 100:.1f}%, "
                      f"teacher {summary['teacher_accuracy'] * 100:.1f}%")
+        if summary.get("distillation_gain") is not None:
+            parts.append(f"distillation gain {summary['distillation_gain'] * 100:+.1f} points")
     parts.append(f"{summary['samples_per_second']:,.0f} samples/s")
     parts.append(f"{summary['flops_per_second'] / 1e9:,.2f} GFLOP/s")
     if summary.get("mfu") is not None:

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import keras
 
+from leap_trainer.specs import IMAGE_SIDE
+
 
 def build_mlp(layers: Sequence[int], name: str = "mlp") -> keras.Model:
     """Dense layers of the given widths: layers[0] inputs ... layers[-1] logits."""
@@ -21,25 +23,59 @@ def build_mlp(layers: Sequence[int], name: str = "mlp") -> keras.Model:
     return keras.Model(inputs, logits, name=name)
 
 
+class RandomShift(keras.layers.Layer):
+    """While training, moves each flattened side x side image by its own random offset of up to
+    `pixels` rows and columns (uncovered pixels get `fill`); at inference it passes inputs through.
+    Gathers with keras.ops, so it runs inside the compiled step (XLA on TPUs)."""
+
+    def __init__(self, pixels: int, fill: float, side: int = IMAGE_SIDE, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.pixels, self.fill, self.side = int(pixels), float(fill), int(side)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, inputs, training=False):
+        if not training or self.pixels == 0 or inputs.shape[-1] != self.side * self.side:
+            return inputs
+        ops, p, side = keras.ops, self.pixels, self.side
+        width = side + 2 * p
+        images = ops.reshape(inputs, (-1, side, side))
+        padded = ops.reshape(ops.pad(images, ((0, 0), (p, p), (p, p)), constant_values=self.fill), (-1, width * width))
+        offsets = keras.random.randint((ops.shape(inputs)[0], 2), 0, 2 * p + 1, seed=self.seed_generator)
+        span = ops.arange(side)
+        rows = span[None, :, None] + offsets[:, 0:1, None]
+        cols = span[None, None, :] + offsets[:, 1:2, None]
+        index = ops.reshape(rows * width + cols, (-1, side * side))
+        return ops.cast(ops.take_along_axis(padded, index, axis=1), inputs.dtype)
+
+
+def build_shifted(net: keras.Model, pixels: int, fill: float, seed: int | None = None) -> keras.Model:
+    """`net` trained on randomly shifted inputs (the distillation teacher); plain at inference."""
+    inputs = keras.Input(shape=net.input_shape[1:], name="pixels")
+    return keras.Model(inputs, net(RandomShift(pixels, fill, seed=seed, name="shift")(inputs)), name=f"{net.name}_shifted")
+
+
 class Distiller(keras.Model):
-    """Trains `student` against a frozen `teacher`:
+    """Trains `student` on labels and the frozen teacher's soft targets:
 
-        loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(labels, student)
+        loss = alpha * T^2 * KL(targets || softmax(student / T)) + (1 - alpha) * CE(labels, student)
 
-    T^2 keeps the soft-target gradients on the same scale as the hard-label ones (Hinton et al.).
-    Only compute_loss is overridden, so Keras' own train_step does gradients, distribution
-    (the Loss objects scale by the replica count) and metrics; predictions are the student's.
+    The targets (leap_trainer.distill.soft_targets: the teacher's softmax at T, averaged over
+    shifted views of each image) are computed once and arrive with the labels, y = (labels, targets),
+    in the same order as the student trained alone sees its batches. T^2 keeps the soft-target
+    gradients on the scale of the hard-label ones (Hinton et al.). Only compute_loss and
+    compute_metrics are overridden, so Keras' own train_step does gradients, distribution (the Loss
+    objects scale by the replica count) and metrics; evaluation (y = labels) uses cross-entropy.
+    keras.distillation.Distiller is not used: it runs the teacher on each batch, so it cannot
+    learn from targets averaged over views.
     """
 
-    def __init__(self, student: keras.Model, teacher: keras.Model, temperature: float, alpha: float, **kwargs):
+    def __init__(self, student: keras.Model, temperature: float, alpha: float, **kwargs):
         super().__init__(**kwargs)
         if temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"--alpha must be between 0 and 1, got {alpha}")
         self.student = student
-        self.teacher = teacher
-        self.teacher.trainable = False
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.soft_loss = keras.losses.KLDivergence()
@@ -49,8 +85,14 @@ class Distiller(keras.Model):
         return self.student(inputs, training=training)
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        teacher_logits = self.teacher(x, training=False)
+        if not isinstance(y, (tuple, list)):
+            return self.hard_loss(y, y_pred)
+        labels, targets = y
         t = self.temperature
-        soft = self.soft_loss(keras.ops.softmax(teacher_logits / t), keras.ops.softmax(y_pred / t))
-        hard = self.hard_loss(y, y_pred)
+        soft = self.soft_loss(targets, keras.ops.softmax(keras.ops.cast(y_pred, "float32") / t))
+        hard = self.hard_loss(labels, y_pred)
         return self.alpha * (t * t) * soft + (1.0 - self.alpha) * hard
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        labels = y[0] if isinstance(y, (tuple, list)) else y
+        return super().compute_metrics(x, labels, y_pred, sample_weight)

@@ -5,7 +5,8 @@ TPU device files), so the decision is unit-tested with plain dicts; `make_strate
 the decision into TensorFlow objects and is the only part that needs TensorFlow.
 
 Order of preference:
-1. TPUStrategy when this host has a TPU (Cloud TPU VM / GKE TPU pod) or names a remote one.
+1. TPUStrategy when this host has a TPU (Cloud TPU VM / GKE TPU pod of a single-host slice) or
+   names a remote one; a multi-host slice is refused (StrategyConfigError).
 2. MultiWorkerMirroredStrategy when TF_CONFIG lists several workers. Without TF_CONFIG it is
    built from LEAP_WORKER_HOSTS + LEAP_WORKER_INDEX, which the operator renders.
 3. MirroredStrategy when this host has several GPUs.
@@ -98,12 +99,17 @@ def choose_strategy(env: Mapping[str, str], *, gpu_count: int = 0, tpu_devices: 
     `tpu_devices` whether TPU device files exist on this host."""
     tpu = tpu_target(env, tpu_devices=tpu_devices)
     if tpu is not None:
-        # On a multi-host slice every host runs leap-train; TPU_WORKER_ID is its rank.
-        hosts = [h for h in env.get(contract.ENV_TPU_WORKER_HOSTNAMES, "").split(",") if h.strip()]
         worker_id = env.get(contract.ENV_TPU_WORKER_ID, "0").strip() or "0"
         if not worker_id.isdigit():
             raise StrategyConfigError(f"{contract.ENV_TPU_WORKER_ID}={worker_id!r} is not a non-negative integer")
-        return StrategyPlan(TPU, tpu[1], tpu=tpu[0], workers=max(1, len(hosts)), worker_index=int(worker_id))
+        # TPUStrategy(TPUClusterResolver("local")) drives this host's chips only: on a multi-host
+        # slice each host would train its own model, so refuse (the CRD refuses such runs too).
+        hosts = [h for h in env.get(contract.ENV_TPU_WORKER_HOSTNAMES, "").split(",") if h.strip()]
+        if len(hosts) > 1:
+            raise StrategyConfigError(
+                f"{contract.TF_MULTI_HOST_TPU_UNSUPPORTED}: {contract.ENV_TPU_WORKER_HOSTNAMES} lists {len(hosts)} "
+                "hosts; use a single-host slice")
+        return StrategyPlan(TPU, tpu[1], tpu=tpu[0], workers=1, worker_index=int(worker_id))
 
     tf_config, from_leap = _cluster_spec(env)
     if tf_config is not None:

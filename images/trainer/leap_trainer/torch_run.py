@@ -16,10 +16,12 @@ from .distributed import Layout, destroy_process_group, init_process_group, layo
 from .flops import training_flops_per_sample
 from .metrics import TrainingMetrics
 from .specs import layers_of
-from .summary import human_line, write_summary
+from .summary import distillation_summary, human_line, write_summary
 from .torch_models import build_mlp
-from .torch_train import (DeviceData, FitResult, cross_entropy, distillation_loss, evaluate, fit, make_optimizer,
-                          make_schedule, predict_logits, steps_per_epoch)
+from .distill import background, soft_targets
+from .specs import TEACHER_SHIFT_PIXELS, teacher_epochs
+from .torch_train import (DeviceData, FitResult, ShiftedInputs, cross_entropy, distillation_loss, evaluate, fit,
+                          make_optimizer, make_schedule, predict_logits, steps_per_epoch)
 
 FRAMEWORK = "pytorch"
 
@@ -71,6 +73,7 @@ class Run:
         self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
         dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
         self.data = DeviceData.from_dataset(dataset, device)
+        self.x_train = dataset.x_train  # host copy: distillation's soft targets are computed from it
         self.per_epoch = steps_per_epoch(len(dataset.x_train), args.batch_size, layout.world_size)
         if self.per_epoch == 0:
             raise SystemExit(
@@ -125,13 +128,17 @@ class Run:
         return model
 
     def train(self, model_name: str, *, phase: str, loss_fn=None, resume: bool = False,
-              seed_offset: int = 0) -> tuple[torch.nn.Module, FitResult]:
-        """One training phase: build, (resume), fit, (checkpoint). Returns the plain model."""
+              seed_offset: int = 0, epochs: int | None = None,
+              shift_pixels: int = 0) -> tuple[torch.nn.Module, FitResult]:
+        """One training phase: build, (resume), fit, (checkpoint). Returns the plain model.
+
+        `shift_pixels` > 0 trains on randomly shifted images (the distillation teacher)."""
         args = self.args
+        epochs = epochs or args.epochs
         torch.manual_seed(args.seed + seed_offset)
         model = build_mlp(model_name).to(self.device)
         optimizer = make_optimizer(model, args.lr)
-        scheduler = make_schedule(optimizer, self.total_steps)
+        scheduler = make_schedule(optimizer, self.per_epoch * epochs)
         config = {"workload": args.workload, "phase": phase, "model": model_name, "dataset": args.dataset,
                   "batch_size": args.batch_size, "world_size": self.layout.world_size}
         start_step = 0
@@ -155,16 +162,17 @@ class Run:
                 ckpt.save_atomic(ckpt.training_state(model=model, optimizer=optimizer, scheduler=scheduler,
                                                      step=step, epoch=epoch, config=config), latest)
 
-        self.log(f"{phase}: {model_name}, {self.total_steps} steps of {args.batch_size} x "
+        self.log(f"{phase}: {model_name}, {self.per_epoch * epochs} steps of {args.batch_size} x "
                  f"{self.layout.world_size} on {self.name}")
-        result = fit(self.wrap(model), optimizer, scheduler, self.data, batch_size=args.batch_size,
-                     epochs=args.epochs, rank=self.layout.rank, world_size=self.layout.world_size,
+        trained = ShiftedInputs(model, shift_pixels, background(self.x_train)) if shift_pixels else model
+        result = fit(self.wrap(trained), optimizer, scheduler, self.data, batch_size=args.batch_size,
+                     epochs=epochs, rank=self.layout.rank, world_size=self.layout.world_size,
                      seed=args.seed, start_step=start_step, autocast_dtype=self.autocast,
                      metrics=self.metrics, loss_fn=loss_fn or cross_entropy,
                      checkpoint_every=args.checkpoint_every if resume else 0,
                      save_checkpoint=save if resume else None, log=self.log)
         if resume:
-            save(result.end_step, args.epochs)
+            save(result.end_step, epochs)
         return model, result
 
     def save_model(self, model: torch.nn.Module, filename: str) -> None:
@@ -193,35 +201,45 @@ class Run:
         return self.summary(result, self.args.model)
 
     def distillation(self) -> dict:
+        """Teacher (trained on shifted images, or loaded), soft targets, then two students from the
+        same initial weights, in the same data order for the same steps: alone, and distilled."""
         args = self.args
-        teacher_name = args.teacher or "mlp-large"
+        teacher_name = args.teacher
+        epochs_of_teacher = teacher_epochs(args.epochs, args.teacher_epochs)
         teacher_path = self.dir / ckpt.TEACHER if self.dir else None
         teacher_state = self.shared(ckpt.load(teacher_path) if self.layout.is_main and teacher_path else None)
-        phases = 2 if teacher_state is not None else 3
-        self.metrics = self.open_metrics(total_steps=self.total_steps * phases, initial_step=0, model=args.model)
+        student_steps = 2 * self.total_steps
+        total = student_steps + (0 if teacher_state is not None else self.per_epoch * epochs_of_teacher)
+        self.metrics = self.open_metrics(total_steps=total, initial_step=0, model=args.model)
         try:
             if teacher_state is not None:
                 teacher = build_mlp(teacher_name).to(self.device)
                 teacher.load_state_dict(teacher_state)
                 self.log(f"teacher loaded from {teacher_path}")
             else:
-                teacher, _ = self.train(teacher_name, phase="teacher", seed_offset=1000)
+                teacher, _ = self.train(teacher_name, phase="teacher", seed_offset=1000, epochs=epochs_of_teacher,
+                                        shift_pixels=TEACHER_SHIFT_PIXELS)
                 self.save_model(teacher, ckpt.TEACHER)
             teacher_accuracy = evaluate(teacher, self.data.x_test, self.data.y_test, self.autocast)
-            teacher_logits = predict_logits(teacher, self.data.x_train)
-            # Same initialisation (seed offset) and steps for both students: a fair comparison.
+
+            def predict(x):
+                return predict_logits(teacher, torch.from_numpy(x).to(self.device)).cpu().numpy()
+
+            targets = torch.from_numpy(soft_targets(predict, self.x_train, args.temperature)).to(self.device)
+            # Same initialisation (seed offset), data order and steps for both students: a fair comparison.
             _, alone = self.train(args.model, phase="student-alone", seed_offset=1)
             student, distilled = self.train(
                 args.model, phase="student-distilled", seed_offset=1, resume=True,
-                loss_fn=distillation_loss(teacher_logits, args.temperature, args.alpha))
+                loss_fn=distillation_loss(targets, args.temperature, args.alpha))
             self.save_model(student, ckpt.FINAL_MODEL)
             self.metrics.finish()
         finally:
             self.metrics.close()
         summary = self.summary(distilled, args.model)
-        summary.update({"teacher": teacher_name, "teacher_accuracy": teacher_accuracy,
-                        "student_alone_accuracy": alone.accuracy, "temperature": args.temperature,
-                        "alpha": args.alpha})
+        summary.update(distillation_summary(
+            teacher=teacher_name, teacher_accuracy=teacher_accuracy, student_alone_accuracy=alone.accuracy,
+            distilled_accuracy=distilled.accuracy, temperature=args.temperature, alpha=args.alpha,
+            teacher_epochs=epochs_of_teacher))
         return summary
 
     def summary(self, result: FitResult, model_name: str) -> dict:

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .specs import IMAGE_SIDE, WARMUP_FRACTION  # linear warmup over the first 5% of steps, then cosine decay to 0
+
 REPORT_SECONDS = 0.5     # metrics window: cheap enough to be < 1% of step time, fresh enough for dashboards
-WARMUP_FRACTION = 0.05   # linear warmup over the first 5% of steps, then cosine decay to zero
 
 
 @dataclass
@@ -85,20 +86,47 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, _indices: torch.T
     return F.cross_entropy(logits, targets)
 
 
-def distillation_loss(teacher_logits: torch.Tensor, temperature: float, alpha: float):
-    """KD loss (Hinton et al.): alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE.
+def distillation_loss(soft_targets: torch.Tensor, temperature: float, alpha: float):
+    """KD loss (Hinton et al.): alpha * T^2 * KL(targets || student_T) + (1 - alpha) * CE.
 
-    The teacher is frozen and the data is not augmented, so its logits are computed once for
-    the whole train set and gathered per batch by the same indices as the inputs.
+    `soft_targets` are the frozen teacher's probabilities at temperature T for the whole train set
+    (leap_trainer.distill.soft_targets), gathered per batch by the same indices as the inputs.
+    T^2 keeps the soft term's gradients on the scale of the hard term's.
     """
-    soft_targets = F.softmax(teacher_logits.float() / temperature, dim=1)
+    targets_t = soft_targets.float()
 
     def loss(logits: torch.Tensor, targets: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft_targets.index_select(0, indices),
+        kl = F.kl_div(F.log_softmax(logits / temperature, dim=1), targets_t.index_select(0, indices),
                       reduction="batchmean")
         return alpha * temperature ** 2 * kl + (1 - alpha) * F.cross_entropy(logits, targets)
 
     return loss
+
+
+def random_shift(x: torch.Tensor, pixels: int, fill: float, side: int = IMAGE_SIDE) -> torch.Tensor:
+    """Each flattened side x side image moved by its own random offset in [-pixels, pixels]^2
+    (uncovered pixels get `fill`): one gather on the device, no per-image Python."""
+    n = x.shape[0]
+    padded = F.pad(x.view(n, side, side), (pixels, pixels, pixels, pixels), value=fill)
+    offsets = torch.randint(0, 2 * pixels + 1, (2, n), device=x.device)
+    span = torch.arange(side, device=x.device)
+    rows = span[None, :, None] + offsets[0][:, None, None]
+    cols = span[None, None, :] + offsets[1][:, None, None]
+    index = (rows * (side + 2 * pixels) + cols).view(n, -1)
+    return padded.view(n, -1).gather(1, index)
+
+
+class ShiftedInputs(torch.nn.Module):
+    """Trains `net` on randomly shifted images (the distillation teacher); evaluates it unshifted."""
+
+    def __init__(self, net: torch.nn.Module, pixels: int, fill: float):
+        super().__init__()
+        self.net, self.pixels, self.fill = net, pixels, fill
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.pixels > 0 and x.shape[1] == IMAGE_SIDE * IMAGE_SIDE:
+            x = random_shift(x, self.pixels, self.fill)
+        return self.net(x)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

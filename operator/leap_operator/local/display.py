@@ -331,6 +331,8 @@ def summary_table(summary: dict, *, attempts: int, total_seconds: float) -> Tabl
         if key == "test_accuracy":
             for other_label, value in other_accuracies(summary):
                 table.add_row(other_label, percent(value))
+            if isinstance(summary.get("distillation_gain"), (int, float)):
+                table.add_row("distillation gain", f"{100 * summary['distillation_gain']:+.1f} points")
     table.add_row("attempts", str(attempts))
     table.add_row("total time", f"{total_seconds:.1f}s")
     return table
