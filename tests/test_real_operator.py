@@ -117,8 +117,9 @@ def test_cpu_run_trains_for_real_and_kubectl_get_shows_its_progress(cluster):
         wait_for(lambda: cluster.phase(ns, "mnist-cpu") == "Succeeded", 240, 0.5, "Succeeded")
     finally:
         phases = recorder.stop()
-    assert phases[0] == "Pending" and phases[-1] == "Succeeded" and "Running" in phases, phases
-    assert "Failed" not in phases and "Restarting" not in phases, phases
+    # Pending may pass unseen: its status is written with the Job in hand, and the pod can be
+    # running by then. Nothing else may appear, nor in another order.
+    assert phases in (["Pending", "Running", "Succeeded"], ["Running", "Succeeded"]), phases
     final = get_tr(cluster, ns, "mnist-cpu", wide=True)
     assert final["PHASE"] == "Succeeded" and final["ATTEMPT"] == "1" and final["RESTARTS"] == "0"
     assert float(final["FLOPS"]) > 0
