@@ -183,3 +183,24 @@ def test_a_run_edited_while_suspended_resumes_in_its_new_shape_as_a_new_attempt(
     refused = cluster.kubectl("-n", ns, "patch", "trainingrun", "mnist-gpu", "--type=merge",
                               "-p", '{"spec":{"workload":{"epochs":9}}}', check=False)
     assert refused.returncode != 0 and "cannot change once the run has started" in refused.stderr
+
+
+def test_two_multi_host_tpu_gangs_each_land_on_one_whole_slice(cluster):
+    """Two node pools of the same TPU type and topology: each gang takes one slice, never parts of both."""
+    from podrunner import tpu_slice
+    for host in tpu_slice("tpu-v5e-b"):
+        cluster.runner.add_node(host)
+    ns = cluster.namespace("two-slices")
+    for name in ("xla-a", "xla-b"):
+        create(cluster, {"apiVersion": "leap.dev/v1alpha1", "kind": "TrainingRun",
+                         "metadata": {"name": name, "namespace": ns},
+                         "spec": {"framework": "pytorch", "image": "registry.example/team/xla-train:1",
+                                  "command": ["python", "train.py"],
+                                  "accelerator": {"type": "google-tpu",
+                                                  "tpu": {"type": "tpu-v5-lite-podslice", "topology": "4x4"}}}})
+    pools = {}
+    for name in ("xla-a", "xla-b"):
+        pods = running_pods(cluster, ns, render.job_name(name, 1), 4)
+        pools[name] = {p["spec"]["nodeName"].rsplit("-", 1)[0] for p in pods}
+    assert all(len(p) == 1 for p in pools.values()), pools  # each gang on one slice
+    assert pools["xla-a"] != pools["xla-b"], pools

@@ -347,3 +347,21 @@ def test_longest_allowed_name_still_gives_valid_hostnames():
     hostnames = env_of(job)[contract.ENV_WORKER_HOSTS].split(",")
     longest = max((h.split(".")[0] for h in hostnames), key=len)
     assert len(longest) <= 63 and len(job["metadata"]["name"]) <= 63
+
+
+def test_a_multi_host_tpu_gang_is_pinned_to_one_node_pool_and_single_hosts_are_not():
+    """As JobSet's exclusive placement: affinity to its own gang and away from other runs' gangs,
+    by node pool (one GKE TPU slice). The real scheduler applies it in test_real_semantics.py."""
+    multi = {"apiVersion": "leap.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "xla", "namespace": "ns"},
+             "spec": {"framework": "pytorch", "image": "r.example/x:1", "command": ["python", "t.py"],
+                      "accelerator": {"type": "google-tpu", "tpu": {"type": "tpu-v5-lite-podslice", "topology": "4x4"}}}}
+    affinity = render_children(multi, 2)[1]["spec"]["template"]["spec"]["affinity"]
+    own = affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert own["topologyKey"] == "cloud.google.com/gke-nodepool"
+    assert own["labelSelector"]["matchLabels"] == {"leap.dev/run": "xla", "leap.dev/attempt": "2"}
+    away = affinity["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0]
+    assert away["topologyKey"] == "cloud.google.com/gke-nodepool"
+    assert {"key": "leap.dev/run", "operator": "NotIn", "values": ["xla"]} in away["labelSelector"]["matchExpressions"]
+    single = copy.deepcopy(multi)
+    single["spec"]["accelerator"]["tpu"]["topology"] = "2x2"
+    assert "affinity" not in render_children(single, 1)[1]["spec"]["template"]["spec"]

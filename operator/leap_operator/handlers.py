@@ -257,7 +257,9 @@ class Controller:
         meta = job.get("metadata") or {}
         selector = (f"involvedObject.kind=Job,involvedObject.name={meta.get('name')},reason=FailedCreate"
                     + (f",involvedObject.uid={meta['uid']}" if meta.get("uid") else ""))
-        events = await self.kube.list("v1", "events", namespace, field_selector=selector)
+        events = [e for e in await self.kube.list("v1", "events", namespace, field_selector=selector)
+                  if e.get("reason") == "FailedCreate"
+                  and (e.get("involvedObject") or {}).get("name") == meta.get("name")]  # whatever the server filtered
         latest = max(events, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", default=None)
         state.failed_create = (latest or {}).get("message")
         return state.failed_create

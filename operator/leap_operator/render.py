@@ -24,6 +24,7 @@ GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 TPU_RESOURCE = "google.com/tpu"
 TPU_ACCELERATOR_LABEL = "cloud.google.com/gke-tpu-accelerator"
 TPU_TOPOLOGY_LABEL = "cloud.google.com/gke-tpu-topology"
+TPU_NODEPOOL_LABEL = "cloud.google.com/gke-nodepool"  # one TPU slice is one GKE node pool
 # The Job controller writes each pod's index into this annotation; the downward API turns it
 # into env vars, so one pod template serves every rank.
 INDEX_FIELD = f"metadata.annotations['{contract.JOB_COMPLETION_INDEX_ANNOTATION}']"
@@ -289,6 +290,9 @@ def render_pod_template(run: dict, attempt: int, config: OperatorConfig) -> dict
         pod_spec["nodeSelector"] = selector
     if tolerations:
         pod_spec["tolerations"] = tolerations
+    affinity = _one_slice_affinity(spec, name, attempt)
+    if affinity:
+        pod_spec["affinity"] = affinity
     scheduling = spec.get("scheduling") or {}
     if scheduling.get("schedulerName"):
         pod_spec["schedulerName"] = scheduling["schedulerName"]
@@ -304,6 +308,25 @@ def render_pod_template(run: dict, attempt: int, config: OperatorConfig) -> dict
             },
         },
         "spec": pod_spec,
+    }
+
+
+def _one_slice_affinity(spec: dict, name: str, attempt: int) -> dict | None:
+    """A multi-host TPU gang must land on one slice: GKE makes each slice a node pool, and two
+    pools of the same type and topology would otherwise each get part of the gang, whose
+    rendezvous then hangs. As JobSet's exclusive placement does: every pod of the attempt goes
+    to the node pool of its first pod (pod affinity to its own gang), and to no pool another
+    run's gang holds (anti-affinity)."""
+    if spec["accelerator"]["type"] != "google-tpu" or api.resolved_workers(spec) < 2:
+        return None
+    own = {"matchLabels": {names.LABEL_RUN: name, names.LABEL_ATTEMPT: str(attempt)}}
+    others = {"matchExpressions": [{"key": names.LABEL_RUN, "operator": "Exists"},
+                                   {"key": names.LABEL_RUN, "operator": "NotIn", "values": [name]}]}
+    return {
+        "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": own, "topologyKey": TPU_NODEPOOL_LABEL}]},
+        "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": others, "topologyKey": TPU_NODEPOOL_LABEL}]},
     }
 
 
