@@ -1,14 +1,20 @@
-"""`leap render FILE`: print, as YAML, exactly the objects the operator would create for a run."""
+"""`leap render FILE`: print, as YAML, exactly the objects the operator would create for a run.
+
+Default images come from the same settings as the operator's: the LEAP_IMAGE_* environment
+variables (which the Helm chart's trainer.* values set on the operator), or --image-registry and
+--image-tag here.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import yaml
 
 from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_documents
-from leap_operator.config import OperatorConfig
+from leap_operator.config import ENV_IMAGE_REGISTRY, ENV_IMAGE_TAG, OperatorConfig
 from leap_operator.render import render_children
 from leap_operator.validation import validate_run
 
@@ -17,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", metavar="FILE", help="TrainingRun YAML files (multi-document ok; - for stdin)")
     parser.add_argument("--attempt", type=int, default=1, help="attempt number to render (default 1)")
     parser.add_argument("-n", "--namespace", help="namespace for runs that do not set metadata.namespace")
+    parser.add_argument("--image-registry", metavar="REGISTRY",
+                        help=f"registry/organisation of the default training images, as the chart's trainer.registry "
+                             f"(default: ${ENV_IMAGE_REGISTRY} or ghcr.io/leap-dev)")
+    parser.add_argument("--image-tag", metavar="TAG",
+                        help=f"tag of the default training images, as the chart's trainer.tag "
+                             f"(default: ${ENV_IMAGE_TAG} or Leap's version)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,7 +40,12 @@ def run(args: argparse.Namespace) -> int:
     except LoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    config = OperatorConfig.from_env()
+    environ = dict(os.environ)
+    if args.image_registry:
+        environ[ENV_IMAGE_REGISTRY] = args.image_registry
+    if args.image_tag:
+        environ[ENV_IMAGE_TAG] = args.image_tag
+    config = OperatorConfig.from_env(environ)
     objects, failed = [], False
     documents = [(where, doc) for where, doc in documents if is_leap_document(doc)]
     if not documents:
