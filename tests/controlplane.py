@@ -234,6 +234,8 @@ class ControlPlane:
               "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
               f"--cert-dir={self.dir / 'pki'}", f"--token-auth-file={self.dir / 'tokens.csv'}",
               "--authorization-mode=RBAC", f"--service-account-issuer={ISSUER}",
+              # As on OpenShift: setting blockOwnerDeletion needs update on the owner's finalizers.
+              "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
               f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",
               f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false", "--v=1",
               f"--audit-policy-file={self.dir / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",
