@@ -2,8 +2,9 @@
 
 All four come from one binary built from their Go modules at one pinned release
 (test/controlplane/, cached in .cache/bin/). What runs is the real thing: admission (incl.
-PodSecurity), CEL, RBAC, ServiceAccount tokens (TokenRequest), the Job, garbage-collector,
-ttl-after-finished, namespace and serviceaccount controllers, and the scheduler. There are no
+PodSecurity and OwnerReferencesPermissionEnforcement), CEL, RBAC, ServiceAccount tokens
+(TokenRequest), the Job, garbage-collector, ttl-after-finished, namespace and serviceaccount
+controllers, and the scheduler. There are no
 Nodes and no kubelet: tests add Nodes and a pod runner (tests/podrunner.py).
 
     python tests/controlplane.py build|up|down|status     (what `make control-plane` runs)

@@ -60,7 +60,9 @@ def test_crd_is_established_and_explained(kubectl):
     crd = kubectl.json("get", "crd", "trainingruns.leap.dev")
     conditions = {c["type"]: c["status"] for c in crd["status"]["conditions"]}
     assert conditions["Established"] == "True" and conditions["NamesAccepted"] == "True"
-    explained = kubectl("explain", "trainingrun.spec.workload").stdout
+    # The API server publishes a new CRD's OpenAPI v3 a moment after Established: ask until it has.
+    explained = wait_for(lambda: kubectl("explain", "trainingrun.spec.workload", check=False).stdout, 30, 0.5,
+                         "kubectl explain trainingrun")
     assert "KIND:       TrainingRun" in explained and "batchSize" in explained and "learningRate" in explained
     resources = kubectl("api-resources", "--api-group=leap.dev").stdout
     assert "trainingruns" in resources
