@@ -51,7 +51,7 @@ WELL_KNOWN_SHORT_NAMES = {
     "prom", "smon", "pmon", "amgr", "promrule", "probe",                    # Prometheus Operator
     "hr", "ks", "gitrepo", "kustomization",                                 # Flux
     "so", "sj", "ta", "cta",                                                # KEDA
-    "vsc", "vs", "vsclass", "bsl", "vsl",                                   # snapshots, Velero
+    "vsc", "vsclass", "bsl", "vsl",                                         # snapshots, Velero
     "np", "nc", "vcjob", "vj", "pg", "q",                                   # Karpenter, Volcano
     "cl", "kcp", "md", "ms", "mp",                                          # Cluster API
     "po", "svc", "deploy", "ds", "sts", "rs", "cj", "job", "ev", "ns", "no", "pv", "pvc", "sa",
