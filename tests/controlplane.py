@@ -2,8 +2,9 @@
 
 All four come from one binary built from their Go modules at one pinned release
 (test/controlplane/, cached in .cache/bin/). What runs is the real thing: admission (incl.
-PodSecurity), CEL, RBAC, ServiceAccount tokens (TokenRequest), the Job, garbage-collector,
-ttl-after-finished, namespace and serviceaccount controllers, and the scheduler. There are no
+PodSecurity and OwnerReferencesPermissionEnforcement), CEL, RBAC, ServiceAccount tokens
+(TokenRequest), the Job, garbage-collector, ttl-after-finished, namespace and serviceaccount
+controllers, and the scheduler. There are no
 Nodes and no kubelet: tests add Nodes and a pod runner (tests/podrunner.py).
 
     python tests/controlplane.py build|up|down|status     (what `make control-plane` runs)
@@ -234,6 +235,8 @@ class ControlPlane:
               "--advertise-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
               f"--cert-dir={self.dir / 'pki'}", f"--token-auth-file={self.dir / 'tokens.csv'}",
               "--authorization-mode=RBAC", f"--service-account-issuer={ISSUER}",
+              # As on OpenShift: setting blockOwnerDeletion needs update on the owner's finalizers.
+              "--enable-admission-plugins=OwnerReferencesPermissionEnforcement",
               f"--service-account-key-file={key}", f"--service-account-signing-key-file={key}",
               f"--service-cluster-ip-range={SERVICE_CIDR}", "--profiling=false", "--v=1",
               f"--audit-policy-file={self.dir / 'audit-policy.yaml'}", f"--audit-log-path={self.audit_log}",

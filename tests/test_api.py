@@ -33,8 +33,45 @@ def test_checked_in_crd_is_current(capsys):
 def test_crd_is_a_valid_kubernetes_object():
     kubernetes_validate.validate(crd.crd_manifest(), "1.31.0", strict=True)
     spec = crd.crd_manifest()["spec"]
-    assert spec["names"]["shortNames"] == ["tr"] and spec["scope"] == "Namespaced"
+    assert spec["names"]["shortNames"] == ["ltr"] and spec["scope"] == "Namespaced"
     assert spec["versions"][0]["subresources"] == {"status": {}}
+
+
+# Short names of built-in kinds and of CRDs found on many clusters (Tekton, Argo, Kubeflow, Kueue,
+# cert-manager, Knative, Istio, Prometheus Operator, Flux, KEDA, Velero, Crossplane, Cluster API,
+# Karpenter, Volcano). Two resources with one short name make `kubectl get NAME` ambiguous.
+WELL_KNOWN_SHORT_NAMES = {
+    "tr", "t", "pr", "p", "ct", "tkn", "ctr",                              # Tekton (TaskRun, Task, PipelineRun, ...)
+    "wf", "wftmpl", "cwf", "cwft", "wfeb", "wfts", "ro", "ar", "at",        # Argo Workflows, Rollouts
+    "pyj", "tfjob", "pytorchjob", "mpijob", "tj", "tjob", "js", "exp",      # Kubeflow, JobSet
+    "wl", "lq", "cq", "rf",                                                 # Kueue
+    "cert", "certs", "cr", "crs", "iss", "ciss",                            # cert-manager
+    "ksvc", "kservice", "rt", "route", "cfg", "config", "rev", "kpa",       # Knative
+    "vs", "gw", "dr", "se", "pa", "ap",                                     # Istio
+    "prom", "smon", "pmon", "amgr", "promrule", "probe",                    # Prometheus Operator
+    "hr", "ks", "gitrepo", "kustomization",                                 # Flux
+    "so", "sj", "ta", "cta",                                                # KEDA
+    "vsc", "vsclass", "bsl", "vsl",                                         # snapshots, Velero
+    "np", "nc", "vcjob", "vj", "pg", "q",                                   # Karpenter, Volcano
+    "cl", "kcp", "md", "ms", "mp",                                          # Cluster API
+    "po", "svc", "deploy", "ds", "sts", "rs", "cj", "job", "ev", "ns", "no", "pv", "pvc", "sa",
+    "cm", "ep", "ing", "netpol", "pdb", "hpa", "pc", "sc", "crd", "crds", "csr", "quota", "limits",
+}
+
+
+def test_short_name_and_categories_collide_with_nothing_well_known():
+    names_ = crd.crd_manifest()["spec"]["names"]
+    assert not set(names_["shortNames"]) & WELL_KNOWN_SHORT_NAMES, names_["shortNames"]
+    assert "tr" not in names_["shortNames"]  # Tekton's TaskRun
+    assert names_["plural"] == "trainingruns" and names_["singular"] == "trainingrun"
+    # `kubectl get leap`; not in `all`, so `kubectl delete all --all` leaves training runs alone.
+    assert names_["categories"] == ["leap"]
+
+
+def test_progress_column_is_a_number():
+    columns = {c["name"]: c for c in crd.crd_manifest()["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Progress"]["type"] == "number"
+    assert columns["Progress"]["jsonPath"] == ".status.progress.percent"
 
 
 def _nodes(schema: dict, path: str = ""):

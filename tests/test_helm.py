@@ -156,29 +156,37 @@ def test_notes_render_with_next_steps():
 
 # --- RBAC -----------------------------------------------------------------------------------
 
+# Exactly what the operator and kopf call: tests/test_real_rbac.py checks these against the API
+# server's audit log of a real operator's requests (and 403s) over a run's whole lifecycle.
 OPERATOR_NEEDS = {
-    ("leap.dev", "trainingruns", "watch"), ("leap.dev", "trainingruns", "patch"),
+    ("leap.dev", "trainingruns", "list"), ("leap.dev", "trainingruns", "watch"),
+    ("leap.dev", "trainingruns", "patch"),  # kopf's finalizer and annotations
     ("leap.dev", "trainingruns", "delete"),  # runPolicy.ttlSecondsAfterFinished
     ("leap.dev", "trainingruns/status", "patch"), ("leap.dev", "trainingruns/finalizers", "update"),
-    ("batch", "jobs", "create"), ("batch", "jobs", "delete"), ("batch", "jobs", "watch"),
-    ("", "services", "create"), ("", "pods", "list"), ("", "pods", "watch"),
-    ("", "events", "create"), ("events.k8s.io", "events", "create"),
+    ("batch", "jobs", "get"), ("batch", "jobs", "list"), ("batch", "jobs", "watch"),
+    ("batch", "jobs", "create"), ("batch", "jobs", "patch"), ("batch", "jobs", "delete"),
+    ("", "services", "get"), ("", "services", "create"), ("", "services", "delete"),
+    ("", "pods", "list"), ("", "pods", "watch"),
+    ("", "events", "create"),
 }
 KOPF_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-                  ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
-                  ("", "namespaces", "list"), ("", "namespaces", "watch")}
+                  ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
+# Only in namespace-scoped mode: kopf's namespace observer lists and watches namespaces.
+KOPF_NAMESPACES = {("", "namespaces", "list"), ("", "namespaces", "watch")}
 
 
 def test_cluster_wide_rbac_grants_what_the_operator_does_and_no_more():
     _, objects = render(HA)
     role = one(objects, "ClusterRole")
     granted = rules_of(role)
-    assert OPERATOR_NEEDS | KOPF_DISCOVERY <= granted
-    assert ("kopf.dev", "clusterkopfpeerings", "patch") in granted
+    peering = {("kopf.dev", "clusterkopfpeerings", verb) for verb in ("get", "list", "watch", "patch")}
+    assert granted == OPERATOR_NEEDS | KOPF_DISCOVERY | peering
+    assert rules_of(one(render()[1], "ClusterRole")) == OPERATOR_NEEDS | KOPF_DISCOVERY
     # Least privilege: no wildcards, no secrets, pods only read.
     assert not any("*" in part for triple in granted for part in triple), role["rules"]
     assert not any(res == "secrets" for _, res, _ in granted)
-    assert {v for _, res, v in granted if res == "pods"} == {"get", "list", "watch"}
+    assert {v for _, res, v in granted if res == "pods"} == {"list", "watch"}
+    assert not any(v == "update" and res != "trainingruns/finalizers" for _, res, v in granted)
     binding = one(objects, "ClusterRoleBinding")
     sa = one(objects, "ServiceAccount")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -194,8 +202,9 @@ def test_namespace_scoped_mode_stays_in_its_namespaces():
     assert set(roles) == set(bindings) == {"team-a", "team-b"}
     for role in roles.values():
         assert OPERATOR_NEEDS | {("kopf.dev", "kopfpeerings", "patch")} <= rules_of(role)
+        assert {r for r in rules_of(role) if r[0] != "kopf.dev"} == OPERATOR_NEEDS
     # Cluster-wide: only what kopf needs to discover CRDs and namespaces.
-    assert rules_of(one(objects, "ClusterRole")) == KOPF_DISCOVERY
+    assert rules_of(one(objects, "ClusterRole")) == KOPF_DISCOVERY | KOPF_NAMESPACES
     args = container(objects)["args"]
     assert "--namespace=team-a" in args and "--namespace=team-b" in args
     assert "--all-namespaces" not in args
@@ -203,6 +212,26 @@ def test_namespace_scoped_mode_stays_in_its_namespaces():
     assert {p["metadata"]["namespace"] for p in peerings} == {"team-a", "team-b"}
     assert f"--peering={peerings[0]['metadata']['name']}" in args
     assert not by_kind(objects, "ClusterKopfPeering")
+
+
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering", "Namespace"}
+
+
+def test_two_releases_of_one_name_in_two_namespaces_share_no_cluster_scoped_object():
+    """Helm release names are unique per namespace only: `leap-operator` in team-a and in team-b
+    must not overwrite each other's ClusterRole, ClusterRoleBinding or ClusterKopfPeering."""
+    seen = {}
+    for namespace in ("team-a", "team-b"):
+        for values in ({}, {**NS_SCOPED, **HA}, HA):
+            _, objects = generate.render_chart(values, name="leap-operator", namespace=namespace)
+            for obj in objects:
+                if obj["kind"] in CLUSTER_SCOPED - {"Namespace"}:
+                    key = (obj["kind"], obj["metadata"]["name"])
+                    assert seen.setdefault(key, namespace) == namespace, f"{key} rendered by both releases"
+            binding = one(objects, "ClusterRoleBinding")
+            assert binding["roleRef"]["name"] == one(objects, "ClusterRole")["metadata"]["name"]
+            assert binding["subjects"][0]["namespace"] == namespace
+    assert ("ClusterRole", "leap-operator-team-a") in seen
 
 
 def test_namespace_scoped_mode_defaults_to_the_release_namespace():
@@ -257,7 +286,11 @@ def test_ha_replicas_get_distinct_peering_priorities():
     _, objects = render(HA)
     sts = one(objects, "StatefulSet")
     assert sts["spec"]["replicas"] == 2 and not by_kind(objects, "Deployment")
-    assert sts["spec"]["serviceName"] == one(objects, "Service")["metadata"]["name"]
+    # The governing Service of a StatefulSet is headless.
+    governing = {s["metadata"]["name"]: s for s in by_kind(objects, "Service")}[sts["spec"]["serviceName"]]
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"]
+    assert not [s for s in by_kind(render()[1], "Service") if s["spec"].get("clusterIP") == "None"]
     parser = argparse.ArgumentParser()
     cmd_operator.add_arguments(parser)
     priorities = {parser.parse_args(expanded_args(objects, pod_index=i)).priority for i in range(2)}
@@ -287,6 +320,21 @@ def test_trainer_images_in_values_reach_the_operator_config():
     assert cfg.image_pull_policy == "Always"
     assert (cfg.default_cpu_request, cfg.default_memory_request, cfg.shm_size) == ("4", "16Gi", "32Gi")
     assert (cfg.checkpoint_mount_path, cfg.cluster_domain) == ("/ckpt", "corp.local")
+
+
+def test_registry_values_reach_the_operator_image_and_the_training_pods():
+    """docs/install.md: build and push the images to your registry, then point the chart at it."""
+    values = {"image": {"repository": "registry.example.com/ml/leap-operator", "tag": "1.2.3"},
+              "trainer": {"registry": "registry.example.com/ml", "tag": "1.2.3"}}
+    _, objects = render(values)
+    assert container(objects)["image"] == "registry.example.com/ml/leap-operator:1.2.3"
+    cfg = opconfig.OperatorConfig.from_env(env_of(objects))  # what the operator reads
+    images = set()
+    for example in ("mnist-cpu", "mnist-gpu", "keras-tpu"):
+        run = yaml.safe_load((ROOT / "manifests" / "examples" / f"{example}.yaml").read_text())
+        job = [o for o in render_children(run, 1, cfg) if o["kind"] == "Job"][0]
+        images |= {c["image"] for c in job["spec"]["template"]["spec"]["containers"]}
+    assert images == {"registry.example.com/ml/leap-torch-gpu:1.2.3", "registry.example.com/ml/leap-tf-tpu:1.2.3"}
 
 
 def test_default_trainer_env_matches_the_operators_own_defaults():

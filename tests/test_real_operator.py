@@ -1,7 +1,7 @@
 """End to end on a real control plane: the operator as its ServiceAccount, the real Job controller,
 scheduler and garbage collector, and the pod runner standing in for the kubelet.
 
-What a user would see is asserted: `kubectl get tr` columns, phases, conditions, Events, and
+What a user would see is asserted: `kubectl get trainingruns` columns, phases, conditions, Events, and
 objects present or gone. What the pod runner cannot show (images, volumes, real hosts and their
 network, container restarts) is listed in tests/podrunner.py.
 """
@@ -41,7 +41,7 @@ def create(cluster: Cluster, run: dict) -> dict:
 
 
 def get_tr(cluster: Cluster, ns: str, name: str, wide: bool = False) -> dict[str, str]:
-    """`kubectl get tr NAME` as a user reads it: column header -> cell."""
+    """`kubectl get trainingrun NAME` as a user reads it: column header -> cell."""
     out = cluster.kubectl("-n", ns, "get", "trainingrun", name, *(["-o", "wide"] if wide else [])).stdout
     header, row = out.splitlines()[:2]
     starts = [m.start() for m in re.finditer(r"\S+", header)]

@@ -253,6 +253,26 @@ def test_checkpoint_defaults_to_empty_dir_at_the_contract_path():
     assert env_of(job)[contract.ENV_CHECKPOINT_DIR] == contract.DEFAULT_CHECKPOINT_DIR
 
 
+def test_pods_chown_the_checkpoint_volume_only_on_a_root_mismatch():
+    """fsGroup on a large checkpoint PVC: without OnRootMismatch the kubelet chowns every file on
+    every pod start (minutes for a big checkpoint directory)."""
+    for name in ("mnist-cpu", "ddp-multinode-gpu", "keras-tpu-multihost"):
+        _, job = render_children(load(name))
+        security = job["spec"]["template"]["spec"]["securityContext"]
+        assert security["fsGroup"] and security["fsGroupChangePolicy"] == "OnRootMismatch"
+
+
+def test_leap_render_takes_the_image_registry_from_flags_or_env(capsys, monkeypatch):
+    path = str(ROOT / "manifests/examples/mnist-gpu.yaml")
+    monkeypatch.setenv("LEAP_IMAGE_REGISTRY", "env.example.com/leap")
+    assert cli.main(["render", path]) == 0
+    job = list(yaml.safe_load_all(capsys.readouterr().out))[1]
+    assert container_of(job)["image"].startswith("env.example.com/leap/leap-torch-gpu:")
+    assert cli.main(["render", "--image-registry", "registry.example.com/ml", "--image-tag", "1.2.3", path]) == 0
+    job = list(yaml.safe_load_all(capsys.readouterr().out))[1]
+    assert container_of(job)["image"] == "registry.example.com/ml/leap-torch-gpu:1.2.3"
+
+
 def test_operator_config_from_env_changes_images_and_domain():
     config = OperatorConfig.from_env({"LEAP_IMAGE_REGISTRY": "registry.local/ml", "LEAP_IMAGE_TAG": "dev",
                                       "LEAP_IMAGE_TF_TPU": "example.com/tf-tpu:7", "LEAP_CLUSTER_DOMAIN": "corp.internal",

@@ -1,15 +1,20 @@
 """`leap render FILE`: print, as YAML, exactly the objects the operator would create for a run.
 
 Exit status: 0 rendered, 2 (EXIT_INVALID) a file unreadable or a run invalid (nothing printed).
+
+Default images come from the same settings as the operator's: the LEAP_IMAGE_* environment
+variables (which the Helm chart's trainer.* values set on the operator), or --image-registry and
+--image-tag here.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_file
-from leap_operator.config import OperatorConfig
+from leap_operator.config import ENV_IMAGE_REGISTRY, ENV_IMAGE_TAG, OperatorConfig
 from leap_operator.render import render_children
 from leap_operator.validation import validate_run
 from leap_operator.yamlio import dump_all
@@ -22,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--namespace", help="namespace for runs that do not set metadata.namespace")
     parser.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml",
                         help="yaml (default: documents, ready for kubectl apply -f -) or json (a List)")
+    parser.add_argument("--image-registry", metavar="REGISTRY",
+                        help=f"registry/organisation of the default training images, as the chart's trainer.registry "
+                             f"(default: ${ENV_IMAGE_REGISTRY} or ghcr.io/leap-dev)")
+    parser.add_argument("--image-tag", metavar="TAG",
+                        help=f"tag of the default training images, as the chart's trainer.tag "
+                             f"(default: ${ENV_IMAGE_TAG} or Leap's version)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +48,12 @@ def run(args: argparse.Namespace) -> int:
             unreadable = True
     if unreadable:
         return EXIT_INVALID
-    config = OperatorConfig.from_env()
+    environ = dict(os.environ)
+    if args.image_registry:
+        environ[ENV_IMAGE_REGISTRY] = args.image_registry
+    if args.image_tag:
+        environ[ENV_IMAGE_TAG] = args.image_tag
+    config = OperatorConfig.from_env(environ)
     objects, failed = [], False
     documents = [(where, doc) for where, doc in documents if is_leap_document(doc)]
     if not documents:

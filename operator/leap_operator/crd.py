@@ -120,7 +120,7 @@ def _printer_columns() -> list[dict]:
         {"name": "Accelerator", "type": "string", "jsonPath": ".spec.accelerator.type"},
         {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.desired",
          "description": "Pods of the run (spec.workers or derived from the TPU slice)."},
-        {"name": "Progress", "type": "string", "jsonPath": ".status.progress.percent",
+        {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent",
          "description": "Percent of planned optimizer steps done."},
         {"name": "Throughput", "type": "number", "jsonPath": ".status.progress.samplesPerSecond",
          "description": "Training samples per second, all workers."},
@@ -167,7 +167,7 @@ def crd_manifest() -> dict:
             "group": names.GROUP,
             "names": {"kind": names.KIND, "listKind": f"{names.KIND}List", "plural": names.PLURAL,
                       "singular": names.SINGULAR, "shortNames": list(names.SHORT_NAMES),
-                      "categories": ["leap", "all"]},
+                      "categories": list(names.CATEGORIES)},
             "scope": "Namespaced",
             "versions": [{
                 "name": names.VERSION, "served": True, "storage": True,

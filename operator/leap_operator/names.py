@@ -10,7 +10,12 @@ API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "TrainingRun"
 PLURAL = "trainingruns"
 SINGULAR = "trainingrun"
-SHORT_NAMES = ["tr"]
+# `tr` is Tekton's TaskRun: on a cluster with both, `kubectl get tr` is ambiguous. `ltr` (Leap
+# TrainingRun) is used by no well-known CRD. Category `leap`: `kubectl get leap` lists every Leap
+# object. Not `all`: `kubectl delete all --all` is a routine namespace clean-up and must not take
+# hours of training with it; a run's Jobs and pods already show in `kubectl get all`.
+SHORT_NAMES = ["ltr"]
+CATEGORIES = ["leap"]
 
 # Labels on every child object.
 LABEL_RUN = "leap.dev/run"

@@ -1,4 +1,4 @@
-"""Training progress from a worker's Prometheus text: what `kubectl get tr` shows.
+"""Training progress from a worker's Prometheus text: what `kubectl get ltr` shows.
 
 progress_from_metrics_text(text) reads one rank's /metrics page (the leap_train_* metrics of
 leap_trainer.contract) and returns that rank's numbers. run_progress() turns rank 0's numbers

@@ -281,6 +281,8 @@ def render_pod_template(run: dict, attempt: int, config: OperatorConfig) -> dict
             "runAsUser": TRAINER_UID,
             "runAsGroup": TRAINER_UID,
             "fsGroup": TRAINER_UID,
+            # The checkpoint volume: chown it only when its root is not ours yet, not on every start.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],

@@ -54,8 +54,15 @@ app.kubernetes.io/part-of: leap
 {{- end }}
 {{- end }}
 
+{{/* Names of cluster-scoped objects (ClusterRole, ClusterRoleBinding, ClusterKopfPeering): Helm
+     release names are unique per namespace only, so two releases of the same name in two
+     namespaces must not share (and overwrite) them. */}}
+{{- define "leap.clusterScopedName" -}}
+{{- printf "%s-%s" (include "leap.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "leap.peeringName" -}}
-{{- default (include "leap.fullname" .) .Values.peering.name }}
+{{- default (include "leap.clusterScopedName" .) .Values.peering.name }}
 {{- end }}
 
 {{- define "leap.imageTag" -}}

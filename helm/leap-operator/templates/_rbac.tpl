@@ -1,36 +1,40 @@
-{{/* RBAC rule lists, shared by the ClusterRole and the per-namespace Roles. */}}
+{{/* RBAC rule lists, shared by the ClusterRole and the per-namespace Roles.
+     Exactly what the operator and kopf call (tests/test_real_rbac.py compares these rules with the
+     API server's audit log of the operator's requests over a whole run lifecycle). */}}
 {{/* What the operator does in a namespace it serves. */}}
 {{- define "leap.namespacedRules" -}}
-# TrainingRuns: watch them, keep kopf's bookkeeping (annotations, finalizers), write status,
-# and delete finished runs whose runPolicy.ttlSecondsAfterFinished has passed.
+# TrainingRuns: kopf lists and watches them and patches its finalizer and annotations onto them;
+# the operator deletes finished runs whose runPolicy.ttlSecondsAfterFinished has passed.
 - apiGroups: ["leap.dev"]
   resources: ["trainingruns"]
-  verbs: ["get", "list", "watch", "patch", "update", "delete"]
+  verbs: ["list", "watch", "patch", "delete"]
+# Phase, conditions, progress.
 - apiGroups: ["leap.dev"]
   resources: ["trainingruns/status"]
-  verbs: ["get", "patch", "update"]
-# Owner references with blockOwnerDeletion on the children need this.
+  verbs: ["patch"]
+# Not a request: creating children whose ownerReference sets blockOwnerDeletion needs it where the
+# OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift; the test control plane).
 - apiGroups: ["leap.dev"]
   resources: ["trainingruns/finalizers"]
   verbs: ["update"]
-# The children: one indexed Job per attempt and a headless Service.
+# One indexed Job per attempt: watched (kopf index), created, suspended and resumed (patch),
+# deleted on a gang restart and with the run; read back when a create finds it exists (409).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The workers' headless Service: created with the run, deleted with it; read back on a 409.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
-# Worker pods are read only: phase, restarts, IPs for progress.
+  verbs: ["get", "create", "delete"]
+# Worker pods are read only: watched (kopf index) for phase, restarts and IPs.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
-# Events: kopf's and the operator's own.
+  verbs: ["list", "watch"]
+# Events: kopf posts core/v1 Events, one per transition (never patched).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch", "list"]  # list: the Job controller's FailedCreate Events
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  # list: the Job controller's FailedCreate Events on a Job that cannot create its pods.
+  verbs: ["create", "list"]
 {{- end }}
 {{/* kopf peering in a namespace (namespace-scoped mode). */}}
 {{- define "leap.namespacedPeeringRules" -}}
@@ -38,12 +42,16 @@
   resources: ["kopfpeerings"]
   verbs: ["get", "list", "watch", "patch"]
 {{- end }}
-{{/* What kopf needs cluster-wide in every mode: discovery of CRDs and namespaces. */}}
+{{/* What kopf needs cluster-wide in every mode: it watches CRDs to notice the TrainingRun CRD
+     change. In namespace-scoped mode it also lists and watches namespaces (to know which of the
+     served ones exist); serving every namespace it does not. */}}
 {{- define "leap.discoveryRules" -}}
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
+{{- if not .Values.watch.allNamespaces }}
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
+{{- end }}
 {{- end }}
