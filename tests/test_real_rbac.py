@@ -36,6 +36,8 @@ UNSEEN_BUT_NEEDED = {
         "operator creates children whose ownerReference sets blockOwnerDeletion",
     ("batch", "jobs", "get"): "a create answered 409 (the Job exists): the operator reads it back",
     ("", "services", "get"): "a create answered 409 (the Service exists): the operator reads it back",
+    ("", "events", "list"): "a Job that cannot create its pods: the operator reads the Job controller's "
+                            "FailedCreate Events (test_real_semantics.py shows that case)",
 }
 
 
