@@ -81,11 +81,16 @@ class Cluster:
 
 
 def purge_test_namespaces(rest: Rest) -> None:
-    """Delete the test namespaces, removing their pods at once as a kubelet would (grace 0), so
-    nothing waits on a node whose pod runner is gone."""
+    """Delete the test namespaces, removing their pods at once as a kubelet would (grace 0) and
+    the operator's finalizer from their runs (as an admin does once no operator runs), so
+    nothing waits on a node whose pod runner is gone or on an operator that was stopped."""
     selector = f"labelSelector={TEST_NAMESPACE_LABEL}%3Dtrue"
     for ns in rest.ok("GET", f"/api/v1/namespaces?{selector}")["items"]:
         name = ns["metadata"]["name"]
+        code, runs = rest.request("GET", f"/apis/leap.dev/v1alpha1/namespaces/{name}/trainingruns")
+        for run in runs.get("items") or [] if code == 200 else []:
+            rest.request("PATCH", f"/apis/leap.dev/v1alpha1/namespaces/{name}/trainingruns/{run['metadata']['name']}",
+                         {"metadata": {"finalizers": None}}, content_type="application/merge-patch+json")
         rest.request("DELETE", f"/api/v1/namespaces/{name}/pods",
                      {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
         rest.request("DELETE", f"/api/v1/namespaces/{name}")
