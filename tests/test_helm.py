@@ -168,6 +168,7 @@ OPERATOR_NEEDS = {
     ("", "services", "get"), ("", "services", "create"), ("", "services", "delete"),
     ("", "pods", "list"), ("", "pods", "watch"),
     ("", "events", "create"),
+    ("", "events", "list"),  # the Job controller's FailedCreate Events, when a Job cannot create its pods
 }
 KOPF_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                   ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}

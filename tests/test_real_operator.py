@@ -96,6 +96,9 @@ class PhaseRecorder:
     def stop(self) -> list[str]:
         self._stop.set()
         self._thread.join()
+        last = (self.cluster.run(self.ns, self.name) or {}).get("status", {}).get("phase")
+        if last and (not self.phases or self.phases[-1] != last):  # a change since the last poll
+            self.phases.append(last)
         return self.phases
 
 
@@ -153,6 +156,9 @@ def test_multi_host_tpu_run_puts_one_pod_on_each_host_of_the_slice(cluster):
     pods = running_pods(cluster, ns, render.job_name("xla-4x4", 1), 4)
     hosts = sorted(p["spec"]["nodeName"] for p in pods)
     assert hosts == [f"tpu-v5e-a-{i}" for i in range(4)], hosts
+    for pod in pods:  # done: the slice is free for the next test
+        cluster.runner.finish(ns, pod["metadata"]["name"], 0)
+    wait_for(lambda: cluster.phase(ns, "xla-4x4") == "Succeeded", 60, message="Succeeded")
 
 
 def test_run_whose_gpu_product_matches_no_node_stays_pending_and_says_why(cluster):

@@ -188,8 +188,9 @@ def test_a_run_edited_while_suspended_resumes_in_its_new_shape_as_a_new_attempt(
 def test_two_multi_host_tpu_gangs_each_land_on_one_whole_slice(cluster):
     """Two node pools of the same TPU type and topology: each gang takes one slice, never parts of both."""
     from podrunner import tpu_slice
-    for host in tpu_slice("tpu-v5e-b"):
-        cluster.runner.add_node(host)
+    for pool in ("tpu-v5e-b", "tpu-v5e-c"):  # beside tpu-v5e-a, which other tests may hold
+        for host in tpu_slice(pool):
+            cluster.runner.add_node(host)
     ns = cluster.namespace("two-slices")
     for name in ("xla-a", "xla-b"):
         create(cluster, {"apiVersion": "leap.dev/v1alpha1", "kind": "TrainingRun",

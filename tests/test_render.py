@@ -256,7 +256,7 @@ def test_checkpoint_defaults_to_empty_dir_at_the_contract_path():
 def test_pods_chown_the_checkpoint_volume_only_on_a_root_mismatch():
     """fsGroup on a large checkpoint PVC: without OnRootMismatch the kubelet chowns every file on
     every pod start (minutes for a big checkpoint directory)."""
-    for name in ("mnist-cpu", "ddp-multinode-gpu", "keras-tpu-multihost"):
+    for name in ("mnist-cpu", "ddp-multinode-gpu", "keras-tpu"):
         _, job = render_children(load(name))
         security = job["spec"]["template"]["spec"]["securityContext"]
         assert security["fsGroup"] and security["fsGroupChangePolicy"] == "OnRootMismatch"
