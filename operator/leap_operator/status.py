@@ -402,7 +402,9 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     if stuck:
         pod_name, why = stuck
         conds = set_condition(conds, SCHEDULED, False, R_UNSCHEDULABLE, f"pod {pod_name}: {why}", now)
-    elif pods and all((p.get("spec") or {}).get("nodeName") for p in pods) and len(pods) >= workers["desired"]:
+    elif get_condition(conds, SCHEDULED) is not None and pods and len(pods) >= workers["desired"] \
+            and all((p.get("spec") or {}).get("nodeName") for p in pods):
+        # Said only once it was False: a gang placed at once costs no extra status write.
         conds = set_condition(conds, SCHEDULED, True, "PodsScheduled",
                               f"all {workers['desired']} worker pods are bound to nodes", now)
     missing = len([p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]) < workers["desired"]
