@@ -241,3 +241,24 @@ def test_ttl_after_finished_deletes_the_run_and_its_children(cluster):
     wait_for(lambda: cluster.run(ns, "mnist-gpu") is None, 60, message="the run deleted by its TTL")
     wait_for(lambda: _children(cluster, ns, "mnist-gpu") == {"jobs": [], "pods": [], "service": False}, 60,
              message="its children gone")
+
+
+def test_the_operator_watches_only_leap_pods_and_jobs_filtered_by_the_api_server(cluster):
+    """Server-side label selectors (kopf settings.watching.label_selectors): the API server's
+    audit log shows every list and watch of pods and Jobs by the operator carrying leap.dev/run."""
+    ns = cluster.namespace("unrelated")
+    for i in range(20):  # pods of someone else's: no node, no Leap label
+        cluster.rest.ok("POST", f"/api/v1/namespaces/{ns}/pods", {
+            "apiVersion": "v1", "kind": "Pod", "metadata": {"name": f"web-{i}", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "nginx"}], "nodeSelector": {"no": "such-node"}}})
+    user = "system:serviceaccount:leap-system:leap-operator"
+    since = time.time()  # a fresh operator: its lists and watches are all after this
+    old = cluster.operator
+    old.stop()
+    cluster.operator = OperatorProcess(None, old.tmp, [], kubeconfig=old.kubeconfig).start().wait_ready()
+    reads = wait_for(lambda: [e for e in cluster.plane.audited(since)
+                              if (e.get("user") or {}).get("username") == user and e.get("verb") in ("list", "watch")
+                              and (e.get("objectRef") or {}).get("resource") in ("pods", "jobs")], 30,
+                     message="the operator's pod and Job watches in the audit log")
+    unfiltered = [e["requestURI"] for e in reads if "labelSelector=leap.dev/run" not in e["requestURI"].replace("%2F", "/")]
+    assert not unfiltered, unfiltered

@@ -102,6 +102,13 @@ def make_settings(args: argparse.Namespace):
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="leap.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="leap.dev")
+    # Jobs and pods are watched only if they carry the run label, filtered by the API server:
+    # the handlers' own label filters run in the client, after every pod of the cluster has been
+    # sent, decoded and kept in kopf's memory.
+    from kopf._cogs.structs.references import Selector
+    from leap_operator.names import LABEL_RUN
+    settings.watching.label_selectors[Selector("batch", "v1", "jobs")] = LABEL_RUN
+    settings.watching.label_selectors[Selector("", "v1", "pods")] = LABEL_RUN
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 10
