@@ -32,7 +32,7 @@ from leap_operator.render import CONTAINER, render_children
 from leap_operator.validation import defaulted, validate_run
 from leap_trainer import contract
 from leap_trainer.contract import EXIT_CONFIG, EXIT_FAILED, EXIT_INVALID
-from test_local_run import (EXAMPLES, LEAP, PRINT_ENV, ROOT, kill_run, leap, processes_of_run, start_leap,
+from test_local_run import (EXAMPLES, LEAP, PRINT_ENV, ROOT, kill_run, leap, processes_of_run, run_on_a_terminal, start_leap,
                             unique_name, wait_for, worker_envs, write_run)
 
 LEAP_TRAIN = str(Path(sys.executable).with_name("leap-train")) if Path(sys.executable).with_name("leap-train").exists() \
@@ -438,22 +438,9 @@ def test_a_closed_output_pipe_does_not_stop_training(tmp_path):
 
 def test_the_live_table_fits_80_columns_and_starts_without_attempt_0(tmp_path):
     path = write_run(tmp_path, unique_name("narrow"), "import time; time.sleep(2)", workers=2)
-    controller, terminal = pty.openpty()
-    proc = subprocess.Popen(LEAP + ["run", str(path), "--workdir", str(tmp_path / "run")], cwd=ROOT,
-                            stdin=terminal, stdout=terminal, stderr=terminal, env={**os.environ, "COLUMNS": "80"})
-    os.close(terminal)
-    screen = b""
-    while True:
-        try:
-            chunk = os.read(controller, 65536)
-        except OSError:
-            break
-        if not chunk:
-            break
-        screen += chunk
-    os.close(controller)
-    assert proc.wait(timeout=60) == 0
-    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    code, screen = run_on_a_terminal(["run", str(path), "--workdir", str(tmp_path / "run")], 80)
+    assert code == 0
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
     table_lines = [line for line in re.split(r"[\r\n]+", text) if "running" in line or "samples/s" in line]
     assert table_lines and all(len(line) <= 80 for line in table_lines), table_lines
     assert "attempt 0/" not in text and "attempt 1/1" in text

@@ -299,11 +299,11 @@ def test_a_directory_leap_run_did_not_make_is_never_cleared(tmp_path):
     assert [p.name for p in precious.iterdir()] == ["chapter1.tex"]
 
 
-def test_on_a_terminal_progress_is_a_live_table(tmp_path):
-    path = write_run(tmp_path, unique_name("tty"), "import time; time.sleep(2)", workers=2)
+def run_on_a_terminal(argv: list[str], columns: int) -> tuple[int, str]:
+    """Run `leap ARGV` on a pseudo-terminal COLUMNS wide: (exit code, everything it drew)."""
     controller, terminal = pty.openpty()
-    proc = subprocess.Popen(LEAP + ["run", str(path), "--workdir", str(tmp_path / "run")], cwd=ROOT,
-                            stdin=terminal, stdout=terminal, stderr=terminal, env={**os.environ, "COLUMNS": "120"})
+    proc = subprocess.Popen(LEAP + argv, cwd=ROOT, stdin=terminal, stdout=terminal, stderr=terminal,
+                            env={**os.environ, "COLUMNS": str(columns)})
     os.close(terminal)
     screen = b""
     while True:
@@ -315,8 +315,13 @@ def test_on_a_terminal_progress_is_a_live_table(tmp_path):
             break
         screen += chunk
     os.close(controller)
-    assert proc.wait(timeout=60) == 0
-    text = screen.decode(errors="replace")
+    return proc.wait(timeout=60), screen.decode(errors="replace")
+
+
+def test_on_a_terminal_progress_is_a_live_table(tmp_path):
+    path = write_run(tmp_path, unique_name("tty"), "import time; time.sleep(2)", workers=2)
+    code, text = run_on_a_terminal(["run", str(path), "--workdir", str(tmp_path / "run")], 120)
+    assert code == 0
     assert "\x1b[" in text  # redrawn in place with terminal control sequences
     assert "attempt 1/1" in text and "samples/s" in text and "ETA" in text  # the table's title and header
     assert "done" in text  # each worker's state

@@ -15,7 +15,6 @@ import gc
 import logging
 import os
 import re
-import socket
 import sys
 
 from leap_trainer.contract import EXIT_FAILED, EXIT_INVALID
@@ -182,19 +181,11 @@ async def probe_api(info, timeout: float = PROBE_TIMEOUT) -> tuple[int, str]:
         await kube.close()
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
 def preflight(args: argparse.Namespace):
+    from leap_operator.local.ports import bindable
+
     for flag, port in (("--liveness-port", args.liveness_port), ("--metrics-port", args.metrics_port)):
-        if port and not _port_free(port):
+        if port and not bindable(port):
             raise StartError(f"cannot serve on port {port} ({flag}): the port is in use by another program; "
                              f"choose another with {flag} PORT, or {flag} 0 to turn it off", EXIT_INVALID)
     info = connection_info()

@@ -10,7 +10,8 @@ import random
 import socket
 
 
-def _bindable(port: int) -> bool:
+def bindable(port: int) -> bool:
+    """Can a server listen on this port (any address)?"""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # As the trainers' HTTP servers do: a port whose old connections linger in TIME_WAIT is free.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -36,7 +37,7 @@ class PortPicker:
         for _ in range(500):
             start = self.rng.randrange(self.low, self.high - size)
             ports = range(start, start + size)
-            if not self.taken.intersection(ports) and all(_bindable(p) for p in ports):
+            if not self.taken.intersection(ports) and all(bindable(p) for p in ports):
                 self.taken.update(ports)
                 return start
         raise RuntimeError(f"no {size} consecutive free TCP ports between {self.low} and {self.high}")
@@ -44,7 +45,7 @@ class PortPicker:
     def block_at(self, start: int, size: int = 1) -> int | None:
         """`start` when it and the size-1 ports after it are free (and not handed out), else None."""
         ports = range(start, start + size)
-        if start < 1 or ports.stop > 65536 or self.taken.intersection(ports) or not all(_bindable(p) for p in ports):
+        if start < 1 or ports.stop > 65536 or self.taken.intersection(ports) or not all(bindable(p) for p in ports):
             return None
         self.taken.update(ports)
         return start
