@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=_non_negative_int, default=None,
                    help=f"serve Prometheus metrics here (local rank r uses port + r; 0: off); "
                         f"default: ${c.ENV_METRICS_PORT}")
+    p.add_argument("--start-over", action="store_true",
+                   help="discard the checkpoints in --checkpoint-dir (of another or a finished run) and train afresh")
     p.add_argument("--summary", default=env.get(c.ENV_SUMMARY) or None,
                    help=f"write the JSON summary here; default: ${c.ENV_SUMMARY} or CHECKPOINT_DIR/summary.json")
     p.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the model")

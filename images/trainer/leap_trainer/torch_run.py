@@ -11,10 +11,12 @@ import torch
 from . import checkpoint as ckpt
 from . import contract as c
 from .data import load_dataset
-from .devices import cpu_model, peak_flops
+from .devices import Accelerator, cpu_model, cpu_threads, cuda_precision
 from .distributed import Layout, destroy_process_group, init_process_group, layout_from_env
-from .flops import training_flops_per_sample
+from .flops import forward_flops_per_sample, training_flops_per_sample
 from .metrics import TrainingMetrics
+from .orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, Phase, RunDirectory, already_complete_message,
+                           build_summary, fail, fingerprint, open_metrics)
 from .specs import layers_of
 from .summary import human_line, write_summary
 from .torch_models import build_mlp
@@ -28,25 +30,36 @@ def main(args) -> int:
     started = time.perf_counter()
     layout = layout_from_env()
     device = pick_device(layout)
-    if device.type == "cpu" and layout.nproc_per_node > 1:
-        # Local processes share this machine's cores; without this each one starts a thread per core.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // layout.nproc_per_node))
+    if device.type == "cpu":
+        # The pod's CPU limit (cgroup quota), not the node's cores, shared by the local processes.
+        torch.set_num_threads(cpu_threads(layout.nproc_per_node))
     if layout.distributed:
         init_process_group(layout, device.type)
     try:
-        summary = Run(args, layout, device).execute()
+        run = Run(args, layout, device)
+        summary = run.execute(started)
     finally:
         destroy_process_group()
-    summary["wall_seconds"] = time.perf_counter() - started
-    if layout.is_main:
+    if summary is not None and layout.is_main:
         write_summary(args.summary, summary)
+        run.directory.complete()
         print(f"leap-train: {human_line(summary)}", flush=True)
     return 0
 
 
+def check_gpus_per_process(nproc_per_node: int, gpus: int) -> None:
+    """One GPU per process: two ranks on one GPU fail inside NCCL, so refuse it up front."""
+    if gpus and nproc_per_node > gpus:
+        raise fail(f"NPROC_PER_NODE={nproc_per_node} processes but this machine has {gpus} GPU(s): two ranks "
+                   f"would share a GPU, which NCCL does not support. Run at most {gpus} process(es) per worker "
+                   f"(TrainingRun spec.procsPerWorker, or NPROC_PER_NODE) or give each worker more GPUs "
+                   f"(spec.accelerator.count)")
+
+
 def pick_device(layout: Layout) -> torch.device:
     if torch.cuda.is_available():
-        device = torch.device("cuda", layout.local_rank % torch.cuda.device_count())
+        check_gpus_per_process(layout.nproc_per_node, torch.cuda.device_count())
+        device = torch.device("cuda", layout.local_rank)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
@@ -58,51 +71,69 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
+def describe(device: torch.device) -> Accelerator:
+    """The name, precision and device count MFU is computed against (one device per process)."""
+    if device.type == "cuda":
+        precision = cuda_precision(torch.cuda.get_device_capability(device), FRAMEWORK)
+        return Accelerator(device_name(device), precision, 1)
+    return Accelerator(device_name(device), "fp32", 1)   # CPUs have no peak: MFU unknown
+
+
 class Run:
     def __init__(self, args, layout: Layout, device: torch.device):
         self.args = args
         self.layout = layout
         self.device = device
-        self.autocast = torch.bfloat16 if device.type == "cuda" else None
-        self.dtype = "bf16" if device.type == "cuda" else "fp32"
-        self.name = device_name(device)
-        # CPUs have no peak in the table (and a CPU model name must not match a GPU fragment).
-        self.peak = peak_flops(self.name, self.dtype) if device.type == "cuda" else None
+        self.accelerator = describe(device)
+        self.name = self.accelerator.name
+        self.precision = self.accelerator.precision
+        self.autocast = torch.bfloat16 if self.precision == "bf16" else None
+        # CPUs have no peak in the table (and a CPU model name must not match a GPU's).
+        self.peak = self.accelerator.peak if device.type == "cuda" else None
         self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+        self.directory = RunDirectory(self.dir, writer=layout.is_main)
         dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
+        self.train_size = len(dataset.x_train)
         self.data = DeviceData.from_dataset(dataset, device)
         self.per_epoch = steps_per_epoch(len(dataset.x_train), args.batch_size, layout.world_size)
         if self.per_epoch == 0:
-            raise SystemExit(
-                f"leap-train: --batch-size {args.batch_size} x {layout.world_size} process(es) exceeds the "
+            raise fail(
+                f"--batch-size {args.batch_size} x {layout.world_size} process(es) exceeds the "
                 f"{len(dataset.x_train)} training samples of --dataset {args.dataset}; lower --batch-size "
                 f"or raise --samples")
         self.total_steps = self.per_epoch * args.epochs
         self.metrics: TrainingMetrics | None = None
+        self.phases: list[Phase] = []
 
     def log(self, message: str) -> None:
         if self.layout.is_main:
             print(f"leap-train: {message}", flush=True)
 
     # --- shared pieces ---------------------------------------------------------------------
-    def open_metrics(self, *, total_steps: int, initial_step: int, model: str) -> TrainingMetrics:
+    def open_metrics(self, *, phases: int, initial_step: int, model: str) -> TrainingMetrics:
         env = os.environ
-        port = self.args.metrics_port + self.layout.local_rank if self.args.metrics_port else None
-        metrics = TrainingMetrics(
-            run=env.get(c.ENV_RUN) or "local", namespace=env.get(c.ENV_NAMESPACE) or "default",
-            rank=self.layout.rank, framework=FRAMEWORK,
+        metrics = open_metrics(
+            args=self.args, rank=self.layout.rank, local_rank=self.layout.local_rank, framework=FRAMEWORK,
             accelerator=env.get(c.ENV_ACCELERATOR) or ("nvidia-gpu" if self.device.type == "cuda" else "cpu"),
-            port=port, flops_per_sample=training_flops_per_sample(layers_of(model)), peak_flops=self.peak,
-            total_steps=total_steps, initial_step=initial_step)
-        try:
-            metrics.start_server()
-        except OSError as error:
-            raise SystemExit(f"leap-train: cannot serve metrics on port {port} (rank {self.layout.rank}, "
-                             f"--metrics-port + local rank {self.layout.local_rank}): {error}; "
-                             f"choose another --metrics-port (or {c.ENV_METRICS_PORT})") from None
-        if port:
-            self.log(f"metrics on :{port}/metrics (rank {self.layout.rank})")
+            flops_per_sample=training_flops_per_sample(layers_of(model)), peak_flops=self.peak,
+            total_steps=self.total_steps * phases, initial_step=initial_step)
+        if metrics.port:
+            self.log(f"metrics on :{metrics.port}/metrics (rank {self.layout.rank})")
         return metrics
+
+    def begin(self) -> str:
+        """Rank 0 reads D/run.json and decides (new, resume, complete); every rank follows it."""
+        status, error = None, None
+        if self.layout.is_main:
+            try:
+                status = self.directory.begin(fingerprint=fingerprint(self.args, self.layout.world_size),
+                                              start_over=getattr(self.args, "start_over", False))
+            except SystemExit as exc:
+                status, error = "error", exc
+        status = self.shared(status)
+        if status == "error":
+            raise error or SystemExit(2)
+        return status
 
     def shared(self, obj):
         """Rank 0's object on every rank: only rank 0 needs to see the checkpoint volume."""
@@ -132,14 +163,11 @@ class Run:
         model = build_mlp(model_name).to(self.device)
         optimizer = make_optimizer(model, args.lr)
         scheduler = make_schedule(optimizer, self.total_steps)
-        config = {"workload": args.workload, "phase": phase, "model": model_name, "dataset": args.dataset,
-                  "batch_size": args.batch_size, "world_size": self.layout.world_size}
         start_step = 0
         latest = self.dir / ckpt.LATEST if self.dir else None
         if resume and latest is not None:
             state = self.shared(ckpt.load(latest) if self.layout.is_main else None)
             if state is not None:
-                ckpt.check_compatible(state, config, latest)
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
                 if scheduler is not None and state["scheduler"] is not None:
@@ -153,10 +181,11 @@ class Run:
         def save(step: int, epoch: int) -> None:
             if self.layout.is_main and latest is not None:
                 ckpt.save_atomic(ckpt.training_state(model=model, optimizer=optimizer, scheduler=scheduler,
-                                                     step=step, epoch=epoch, config=config), latest)
+                                                     step=step, epoch=epoch), latest)
 
         self.log(f"{phase}: {model_name}, {self.total_steps} steps of {args.batch_size} x "
-                 f"{self.layout.world_size} on {self.name}")
+                 f"{self.layout.world_size} = {args.batch_size * self.layout.world_size} samples "
+                 f"on {self.name} ({self.precision})")
         result = fit(self.wrap(model), optimizer, scheduler, self.data, batch_size=args.batch_size,
                      epochs=args.epochs, rank=self.layout.rank, world_size=self.layout.world_size,
                      seed=args.seed, start_step=start_step, autocast_dtype=self.autocast,
@@ -165,6 +194,10 @@ class Run:
                      save_checkpoint=save if resume else None, log=self.log)
         if resume:
             save(result.end_step, args.epochs)
+        self.phases.append(Phase(
+            name=phase, model=model_name, steps=result.end_step, resumed_from_step=result.start_step,
+            accuracy=result.accuracy, samples_per_second=result.samples_per_second * self.layout.world_size,
+            flops_per_sample=training_flops_per_sample(layers_of(model_name)), final_loss=result.loss))
         return model, result
 
     def save_model(self, model: torch.nn.Module, filename: str) -> None:
@@ -172,82 +205,74 @@ class Run:
             ckpt.save_atomic(model.state_dict(), self.dir / filename)
 
     # --- workloads -------------------------------------------------------------------------
-    def execute(self) -> dict:
+    def execute(self, started: float) -> dict | None:
+        """Train the workload; None when the run in D is already complete (nothing is written)."""
+        if self.begin() == "complete":
+            self.log(already_complete_message(self.dir, self.args.summary))
+            return None
+        distillation = None
         if self.args.workload == "distillation":
-            summary = self.distillation()
+            distillation = self.distillation()
         else:
-            summary = self.classifier()
-        return summary
+            self.classifier()
+        return build_summary(args=self.args, framework=FRAMEWORK, phases=self.phases, device=self.name,
+                             precision=self.precision, devices_per_process=1,
+                             world_size=self.layout.world_size, peak_per_device=self.peak,
+                             distillation=distillation, wall_seconds=time.perf_counter() - started)
 
-    def classifier(self) -> dict:
+    def classifier(self) -> None:
         latest = self.dir / ckpt.LATEST if self.dir else None
         resumed_step = self.shared(_saved_step(latest) if self.layout.is_main else 0)
-        self.metrics = self.open_metrics(total_steps=self.total_steps, initial_step=resumed_step,
+        self.metrics = self.open_metrics(phases=len(CLASSIFIER_PHASES), initial_step=resumed_step,
                                          model=self.args.model)
         try:
-            model, result = self.train(self.args.model, phase="classifier", resume=True)
+            model, _ = self.train(self.args.model, phase="classifier", resume=True)
             self.save_model(model, ckpt.FINAL_MODEL)
             self.metrics.finish()
         finally:
             self.metrics.close()
-        return self.summary(result, self.args.model)
 
     def distillation(self) -> dict:
         args = self.args
-        teacher_name = args.teacher or "mlp-large"
+        teacher_name = args.teacher
         teacher_path = self.dir / ckpt.TEACHER if self.dir else None
         teacher_state = self.shared(ckpt.load(teacher_path) if self.layout.is_main and teacher_path else None)
-        phases = 2 if teacher_state is not None else 3
-        self.metrics = self.open_metrics(total_steps=self.total_steps * phases, initial_step=0, model=args.model)
+        latest = self.dir / ckpt.LATEST if self.dir else None
+        resumed_step = self.shared(_saved_step(latest) if self.layout.is_main else 0)
+        # The run's steps done before this process: a saved teacher's, and the distilled student's.
+        done = (self.total_steps if teacher_state is not None else 0) + resumed_step
+        self.metrics = self.open_metrics(phases=len(DISTILLATION_PHASES), initial_step=done, model=teacher_name)
+        teacher_phase, alone_phase, distilled_phase = DISTILLATION_PHASES
         try:
             if teacher_state is not None:
                 teacher = build_mlp(teacher_name).to(self.device)
                 teacher.load_state_dict(teacher_state)
                 self.log(f"teacher loaded from {teacher_path}")
             else:
-                teacher, _ = self.train(teacher_name, phase="teacher", seed_offset=1000)
+                teacher, _ = self.train(teacher_name, phase=teacher_phase, seed_offset=1000)
                 self.save_model(teacher, ckpt.TEACHER)
             teacher_accuracy = evaluate(teacher, self.data.x_test, self.data.y_test, self.autocast)
+            if teacher_state is not None:
+                self.phases.append(Phase(name=teacher_phase, model=teacher_name, steps=self.total_steps,
+                                         resumed_from_step=self.total_steps, accuracy=teacher_accuracy,
+                                         samples_per_second=0.0,
+                                         flops_per_sample=training_flops_per_sample(layers_of(teacher_name))))
+            # Once, before the student trains: outside the training loop and its FLOP/s (see flops.py).
             teacher_logits = predict_logits(teacher, self.data.x_train)
             # Same initialisation (seed offset) and steps for both students: a fair comparison.
-            _, alone = self.train(args.model, phase="student-alone", seed_offset=1)
-            student, distilled = self.train(
-                args.model, phase="student-distilled", seed_offset=1, resume=True,
+            _, alone = self.train(args.model, phase=alone_phase, seed_offset=1)
+            student, _ = self.train(
+                args.model, phase=distilled_phase, seed_offset=1, resume=True,
                 loss_fn=distillation_loss(teacher_logits, args.temperature, args.alpha))
             self.save_model(student, ckpt.FINAL_MODEL)
             self.metrics.finish()
         finally:
             self.metrics.close()
-        summary = self.summary(distilled, args.model)
-        summary.update({"teacher": teacher_name, "teacher_accuracy": teacher_accuracy,
-                        "student_alone_accuracy": alone.accuracy, "temperature": args.temperature,
-                        "alpha": args.alpha})
-        return summary
-
-    def summary(self, result: FitResult, model_name: str) -> dict:
-        # Every rank trains the same number of samples per step: the global rate is world x this rank's.
-        samples_per_second = result.samples_per_second * self.layout.world_size
-        flops_per_second = samples_per_second * training_flops_per_sample(layers_of(model_name))
-        peak_total = self.peak * self.layout.world_size if self.peak else None
-        return {
-            "framework": FRAMEWORK, "workload": self.args.workload, "model": model_name,
-            "dataset": self.args.dataset, "test_accuracy": result.accuracy, "steps": result.end_step,
-            "epochs": self.args.epochs, "batch_size": self.args.batch_size,
-            "global_batch_size": self.args.batch_size * self.layout.world_size,
-            "samples_per_second": samples_per_second, "flops_per_second": flops_per_second,
-            "mfu": flops_per_second / peak_total if peak_total else None, "precision": self.dtype,
-            "device": self.name, "world_size": self.layout.world_size,
-            "resumed_from_step": result.start_step, "final_loss": result.loss,
-            "run": os.environ.get(c.ENV_RUN) or "local", "attempt": _attempt(),
-        }
+        return {"teacher": teacher_name, "teacher_accuracy": teacher_accuracy,
+                "student_alone_accuracy": alone.accuracy,
+                "teacher_logits_flops": forward_flops_per_sample(layers_of(teacher_name)) * self.train_size}
 
 
 def _saved_step(latest: Path | None) -> int:
     state = ckpt.load(latest) if latest is not None else None
     return state["step"] if state else 0
-
-
-def _attempt() -> int:
-    from .distributed import env_int
-
-    return env_int(os.environ, c.ENV_ATTEMPT, 1)

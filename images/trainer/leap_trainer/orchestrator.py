@@ -1,0 +1,258 @@
+"""What both frameworks' runs share: the run's identity in its checkpoint directory, the
+re-run rules, the metrics endpoint, phase bookkeeping and the one summary schema.
+
+The framework backends (torch_run, keras_train) build models and train; everything a user
+sees about a run as a whole comes from here, so the two cannot drift.
+
+The checkpoint directory D holds `run.json`: the fingerprint of the training config (every flag
+that changes what is trained) and whether the run completed. On start:
+
+- no run.json: a new run; it is written before the first step;
+- the same fingerprint, not complete: resume;
+- the same fingerprint, complete: "already complete", exit 0, the summary left as it was;
+- a different fingerprint: stop, naming each changed flag with its old and new value, and the
+  two ways out (another --checkpoint-dir, or --start-over to discard D's checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import contract as c
+from .metrics import PortInUse, TrainingMetrics
+
+RUN_FILE = "run.json"
+CLASSIFIER_PHASES = ("classifier",)
+# Distillation: the teacher (trained, or loaded when a previous attempt saved it), the student
+# trained alone (the baseline), then the same student with the distillation loss.
+DISTILLATION_PHASES = ("teacher", "student-alone", "student-distilled")
+# Files and folders leap-train writes in D (and --start-over removes); nothing else is touched.
+OWNED = (RUN_FILE, "latest.pt", "model.pt", "teacher.pt", "keras", "summary.json")
+
+# Fingerprint field -> the flag that sets it (for error messages).
+FINGERPRINT_FLAGS = {
+    "framework": "--framework", "workload": "--workload", "model": "--model", "dataset": "--dataset",
+    "samples": "--samples", "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr",
+    "seed": "--seed", "world_size": "the number of processes (WORLD_SIZE / replicas)",
+    "teacher": "--teacher", "temperature": "--temperature", "alpha": "--alpha",
+}
+
+# The one summary schema of both frameworks: key -> meaning (docs/trainer.md lists these).
+SUMMARY_KEYS: dict[str, str] = {
+    "framework": "pytorch or tensorflow",
+    "workload": "classifier or distillation",
+    "model": "the trained model (the student in distillation)",
+    "dataset": "--dataset",
+    "test_accuracy": "accuracy of the final model on the test split",
+    "final_loss": "mean training loss of the last reporting window or epoch (null when nothing was trained)",
+    "steps": "optimizer steps of the final phase (the run's total, resumed steps included)",
+    "epochs": "--epochs",
+    "batch_size": "samples per step per process (per replica on TensorFlow)",
+    "global_batch_size": "samples per optimizer step across all processes",
+    "lr": "--lr: the peak learning rate, not scaled with the global batch",
+    "samples_per_second": "training throughput of the final phase, all processes, this process's run only",
+    "flops_per_sample": "training FLOPs per sample of the final phase's model (flops.py)",
+    "flops_per_second": "samples_per_second x flops_per_sample",
+    "mfu": "flops_per_second over the summed peak of all devices at `precision`; null when unknown",
+    "precision": "bf16, fp16, tf32 or fp32: the matmul precision actually used",
+    "device": "the device name (the peak table reads it)",
+    "devices_per_process": "devices one process drives (TensorFlow: all of its worker's)",
+    "world_size": "processes (PyTorch) or replicas (TensorFlow) that trained",
+    "strategy": "TensorFlow's tf.distribute strategy; null on PyTorch",
+    "resumed_from_step": "the final phase's step this process resumed at (0: a fresh start)",
+    "wall_seconds": "wall time of this process, start-up included",
+    "run": "LEAP_RUN or local",
+    "attempt": "LEAP_ATTEMPT (1-based)",
+    "phases": "per phase: steps, resumed_from_step, samples_per_second, flops_per_sample, flops_per_second, mfu, accuracy",
+    "teacher": "distillation: the teacher model (else null)",
+    "teacher_accuracy": "distillation: the teacher's test accuracy (else null)",
+    "student_alone_accuracy": "distillation: the student trained without the teacher (else null)",
+    "teacher_logits_flops": "distillation: FLOPs of the one teacher forward pass over the training set (else null)",
+    "temperature": "distillation: --temperature (else null)",
+    "alpha": "distillation: --alpha (else null)",
+}
+
+
+def fail(message: str) -> SystemExit:
+    """A configuration error: one line on stderr, exit code 2."""
+    print(f"leap-train: {message}", file=sys.stderr, flush=True)
+    return SystemExit(2)
+
+
+# --- the run's identity -----------------------------------------------------------------------------
+
+def fingerprint(args, world_size: int) -> dict[str, Any]:
+    """Every setting that changes what is trained; a checkpoint is only resumed under the same ones."""
+    out = {"framework": args.framework, "workload": args.workload, "model": args.model,
+           "dataset": args.dataset, "samples": args.samples, "epochs": args.epochs,
+           "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "world_size": world_size}
+    if args.workload == "distillation":
+        out.update(teacher=args.teacher, temperature=args.temperature, alpha=args.alpha)
+    return out
+
+
+def changed_fields(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    return [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+
+
+@dataclass
+class RunDirectory:
+    """D/run.json: the fingerprint and whether the run completed. Without D: nothing to remember."""
+
+    path: Path | None
+    writer: bool = True     # rank 0 / the chief writes; the others only read
+
+    @property
+    def file(self) -> Path | None:
+        return self.path / RUN_FILE if self.path else None
+
+    def read(self) -> dict | None:
+        if self.file is None or not self.file.exists():
+            return None
+        try:
+            return json.loads(self.file.read_text())
+        except ValueError as error:
+            raise fail(f"{self.file} is unreadable ({error}); use another --checkpoint-dir or --start-over")
+
+    def begin(self, print_fn=print, *, fingerprint: dict[str, Any], start_over: bool) -> str:
+        """'new', 'resume' or 'complete' (see the module's docstring); raises SystemExit on a mismatch."""
+        if self.path is None:
+            return "new"
+        if start_over:
+            if self.writer:
+                self.discard()
+            record = None
+        else:
+            record = self.read()
+        if record is not None:
+            saved = record.get("fingerprint", {})
+            changed = changed_fields(saved, fingerprint)
+            if changed:
+                details = "; ".join(f"{FINGERPRINT_FLAGS.get(key, key)}: checkpoint {saved.get(key)!r}, now "
+                                    f"{fingerprint.get(key)!r}" for key in changed)
+                raise fail(f"--checkpoint-dir {self.path} holds a run trained with other settings ({details}). "
+                           f"Resuming would mix two runs: use another --checkpoint-dir, or --start-over to "
+                           f"discard its checkpoints and train afresh")
+            if record.get("complete"):
+                return "complete"
+            return "resume"
+        if self.writer:
+            self._write({"fingerprint": fingerprint, "complete": False})
+        return "new"
+
+    def complete(self) -> None:
+        if self.file is not None and self.writer:
+            record = self.read() or {}
+            record["complete"] = True
+            self._write(record)
+
+    def discard(self) -> None:
+        for name in OWNED:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+
+    def _write(self, record: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        temporary = self.file.with_name(f".{RUN_FILE}.tmp")
+        temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, self.file)
+
+
+def already_complete_message(directory: Path, summary: str | None) -> str:
+    where = f"its summary {summary} is left as it was" if summary else "nothing was changed"
+    return (f"the run in --checkpoint-dir {directory} is already complete; {where}. "
+            f"To train again, use another --checkpoint-dir or add --start-over")
+
+
+# --- metrics ---------------------------------------------------------------------------------------
+
+def open_metrics(*, args, rank: int, local_rank: int, framework: str, accelerator: str,
+                 flops_per_sample: float, peak_flops: float | None, total_steps: int,
+                 initial_step: int) -> TrainingMetrics:
+    """This process's metrics; a port in use stops the run with one line naming the port and the flag."""
+    env = os.environ
+    port = args.metrics_port + local_rank if args.metrics_port else None
+    metrics = TrainingMetrics(
+        run=env.get(c.ENV_RUN) or "local", namespace=env.get(c.ENV_NAMESPACE) or "default",
+        rank=rank, framework=framework, accelerator=accelerator, port=port,
+        flops_per_sample=flops_per_sample, peak_flops=peak_flops, total_steps=total_steps,
+        initial_step=initial_step)
+    try:
+        metrics.start_server()
+    except PortInUse as error:
+        offset = f" (--metrics-port {args.metrics_port} + local rank {local_rank})" if local_rank else ""
+        raise fail(f"cannot serve metrics on port {error.port}{offset}: it is in use ({error}); "
+                   f"choose another --metrics-port (or {c.ENV_METRICS_PORT}), or 0 for none") from None
+    return metrics
+
+
+# --- phases and the summary ------------------------------------------------------------------------
+
+@dataclass
+class Phase:
+    """One training phase as both backends report it."""
+
+    name: str
+    model: str
+    steps: int                   # the phase's step when it ended
+    resumed_from_step: int       # where this process picked it up (0: fresh)
+    accuracy: float | None
+    samples_per_second: float    # global: all processes
+    flops_per_sample: float
+    final_loss: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self, peak_total: float | None) -> dict[str, Any]:
+        flops_per_second = self.samples_per_second * self.flops_per_sample
+        return {"model": self.model, "steps": self.steps, "resumed_from_step": self.resumed_from_step,
+                "accuracy": self.accuracy, "samples_per_second": self.samples_per_second,
+                "flops_per_sample": self.flops_per_sample, "flops_per_second": flops_per_second,
+                "mfu": flops_per_second / peak_total if peak_total else None}
+
+
+def build_summary(*, args, framework: str, phases: list[Phase], device: str, precision: str,
+                  devices_per_process: int, world_size: int, peak_per_device: float | None,
+                  strategy: str | None = None, distillation: dict[str, Any] | None = None,
+                  wall_seconds: float) -> dict[str, Any]:
+    """The summary of a run (one schema, SUMMARY_KEYS, for both frameworks). The last phase is the result."""
+    # world_size counts processes (PyTorch) or replicas (TensorFlow); each drives devices_per_process
+    # devices on PyTorch and one device per replica on TensorFlow.
+    devices_total = world_size * devices_per_process if framework == "pytorch" else world_size
+    peak_total = peak_per_device * devices_total if peak_per_device else None
+    final = phases[-1]
+    main = final.as_dict(peak_total)
+    distillation = distillation or {}
+    summary = {
+        "framework": framework, "workload": args.workload, "model": final.model, "dataset": args.dataset,
+        "test_accuracy": final.accuracy, "final_loss": final.final_loss, "steps": final.steps,
+        "epochs": args.epochs, "batch_size": args.batch_size,
+        "global_batch_size": args.batch_size * world_size, "lr": args.lr,
+        "samples_per_second": main["samples_per_second"], "flops_per_sample": main["flops_per_sample"],
+        "flops_per_second": main["flops_per_second"], "mfu": main["mfu"], "precision": precision,
+        "device": device, "devices_per_process": devices_per_process, "world_size": world_size,
+        "strategy": strategy, "resumed_from_step": final.resumed_from_step, "wall_seconds": wall_seconds,
+        "run": os.environ.get(c.ENV_RUN) or "local", "attempt": _attempt(),
+        "phases": {phase.name: phase.as_dict(peak_total) for phase in phases},
+        "teacher": distillation.get("teacher"), "teacher_accuracy": distillation.get("teacher_accuracy"),
+        "student_alone_accuracy": distillation.get("student_alone_accuracy"),
+        "teacher_logits_flops": distillation.get("teacher_logits_flops"),
+        "temperature": args.temperature if args.workload == "distillation" else None,
+        "alpha": args.alpha if args.workload == "distillation" else None,
+    }
+    assert set(summary) == set(SUMMARY_KEYS), set(summary) ^ set(SUMMARY_KEYS)
+    return summary
+
+
+def _attempt() -> int:
+    from .distributed import env_int
+
+    return env_int(os.environ, c.ENV_ATTEMPT, 1)
