@@ -1,14 +1,19 @@
-"""`leap-train --framework tensorflow`: the Keras training path.
+"""`leap-train --framework tensorflow`: the Keras backend.
 
-Same workloads, data, metrics and summary as the PyTorch path, on tf.distribute:
+What a run is (its fingerprint, resume and re-run rules, phases, metrics endpoint, summary) is
+leap_trainer.orchestrator's, shared with PyTorch; this module builds Keras models and trains:
 - the strategy comes from the environment (tf_strategy: TPU > multi-worker > multi-GPU > default);
 - the global batch is the per-replica --batch-size times the replicas in sync;
+- the learning rate follows the same warmup + cosine schedule as PyTorch (orchestrator.lr_factor);
+- each epoch's order is a permutation drawn from (seed, epoch), so a resumed phase finishes the
+  interrupted epoch with exactly the batches it had not trained, as the PyTorch path does;
 - `fit` runs `steps_per_execution` steps per call into the TF runtime (about 2x faster than one
   step per call for small models), and the callbacks run once per such group;
 - each training phase checkpoints into <checkpoint-dir>/keras/<phase>/ and resumes from it.
 
-Distillation runs three phases: the teacher (or loads it), the student trained alone (the
-baseline the summary compares against) and the distilled student, for the same steps.
+Distillation runs three phases: the teacher (or resumes it), the student trained alone (the
+baseline the summary compares against) and the distilled student, for the same steps. The
+teacher's logits are computed once for the training set, as on the PyTorch path.
 """
 
 from __future__ import annotations
@@ -16,11 +21,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from leap_trainer import contract
+from leap_trainer.devices import Accelerator, cpu_model, cpu_threads, cuda_precision, tpu_device_name
+from leap_trainer.orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, Phase, RunDirectory,
+                                       already_complete_message, build_summary, fail, fingerprint, open_metrics)
 from leap_trainer.summary import human_line, write_summary
 from leap_trainer.tf_strategy import (
     MULTI_WORKER,
@@ -36,25 +46,11 @@ from leap_trainer.tf_strategy import (
 FRAMEWORK = "tensorflow"
 STEPS_PER_EXECUTION = 50
 EVAL_BATCH = 1000
-DEFAULT_TEACHER = "mlp-large"
-CLASSIFIER_PHASES = ("classifier",)
-DISTILLATION_PHASES = ("teacher", "student-alone", "distilled-student")
-PHASE_SEEDS = {"classifier": 0, "teacher": 1, "student-alone": 2, "distilled-student": 2}
+PHASE_SEEDS = {"classifier": 0, "teacher": 1, "student-alone": 2, "student-distilled": 2}
 
 
 def log(message: str) -> None:
     print(f"[leap-train tensorflow] {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class PhaseResult:
-    name: str
-    steps: int                 # optimizer steps of the phase when it ended
-    resumed_from_step: int     # steps restored from a checkpoint (0 on a fresh start)
-    accuracy: float
-    samples_per_second: float
-    train_seconds: float
-    final_loss: float | None   # mean training loss of the last epoch run (None if nothing ran)
 
 
 @dataclass
@@ -70,20 +66,21 @@ class Run:
     steps_per_epoch: int
     metrics: Any
     checkpoint_dir: Path | None
-    phases: list[PhaseResult] = field(default_factory=list)
+    phases: list[Phase]
 
 
 def main(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ start-up chatter out of pod logs
+    # TensorFlow reads its thread pool size when its runtime starts: the pod's CPU limit, not the node's cores.
+    os.environ.setdefault("TF_NUM_INTRAOP_THREADS", str(cpu_threads()))
     keep_libtpu_unloaded_without_tpu()  # before TensorFlow's first import
     started = time.perf_counter()
-    validate_args(args)
 
     try:
         plan = choose_strategy(os.environ, **local_facts())
         strategy = make_strategy(plan)  # before any other TF op: multi-worker starts its server here
     except StrategyConfigError as error:
-        raise SystemExit(f"leap-train: {error}") from None
+        raise fail(str(error)) from None
     log(f"strategy {plan.kind}: {plan.reason}; {strategy.num_replicas_in_sync} replica(s)")
 
     import keras
@@ -99,134 +96,137 @@ def main(args) -> int:
     try:
         dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
     except (ValueError, OSError) as error:
-        raise SystemExit(f"leap-train: --dataset {args.dataset!r}: {error}") from None
+        raise fail(f"--dataset {args.dataset!r}: {error}") from None
     world_size = strategy.num_replicas_in_sync
     global_batch = args.batch_size * world_size
     steps_per_epoch = len(dataset.x_train) // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(
-            f"leap-train: --batch-size {args.batch_size} x {world_size} replicas = {global_batch} exceeds the "
+        raise fail(
+            f"--batch-size {args.batch_size} x {world_size} replicas = {global_batch} exceeds the "
             f"{len(dataset.x_train)} training samples of --dataset {args.dataset}; lower --batch-size or add --samples"
         )
 
-    workload_steps = steps_per_epoch * args.epochs
-    device = describe_device(plan)
-    dtype = "bf16" if plan.kind == TPU else "fp32"
     checkpoint_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
-    phases = DISTILLATION_PHASES if args.workload == "distillation" else CLASSIFIER_PHASES
-    metrics = open_metrics(args, plan, device, dtype, total_steps=workload_steps * len(phases),
-                           initial_step=checkpointed_steps(checkpoint_dir, phases))
-    worker_batch = global_batch // max(1, plan.workers)
-    run = Run(args, plan, strategy, dataset, global_batch, worker_batch, steps_per_epoch, metrics, checkpoint_dir)
+    directory = RunDirectory(checkpoint_dir, writer=plan.is_chief)
+    status = directory.begin(fingerprint=fingerprint(args, world_size), start_over=args.start_over)
+    if status == "complete":
+        log(already_complete_message(checkpoint_dir, args.summary))
+        return 0
 
+    accelerator = describe_device(plan, world_size, gpu_details=gpu_details(), env=os.environ)
+    phase_names = DISTILLATION_PHASES if args.workload == "distillation" else CLASSIFIER_PHASES
+    workload_steps = steps_per_epoch * args.epochs
+    first_model = args.teacher if args.workload == "distillation" else args.model
+    metrics = open_metrics(
+        args=args, rank=plan.worker_index, local_rank=0, framework=FRAMEWORK,
+        accelerator=os.environ.get(contract.ENV_ACCELERATOR) or (
+            "google-tpu" if plan.kind == TPU else "nvidia-gpu" if plan.gpus else "cpu"),
+        flops_per_sample=model_flops_per_sample(first_model), peak_flops=accelerator.peak,
+        total_steps=workload_steps * len(phase_names),
+        initial_step=checkpointed_steps(checkpoint_dir, phase_names))
+    worker_batch = global_batch // max(1, plan.workers)
+    run = Run(args, plan, strategy, dataset, global_batch, worker_batch, steps_per_epoch, metrics, checkpoint_dir, [])
+
+    distillation = None
     try:
         if args.workload == "distillation":
-            summary = distill(run)
+            distillation = distill(run)
         else:
-            model = train_phase(run, "classifier", lambda: compiled(build(args.model), args.lr, plan))
-            summary = {"test_accuracy": run.phases[-1].accuracy}
+            model = train_phase(run, "classifier", args.model, lambda: compiled(build(args.model), run))
             save_final_model(run, model)
         metrics.finish()
     finally:
         metrics.close()
 
-    main_phase = run.phases[-1]
-    # As on the PyTorch path: the trained model's FLOPs (a distillation teacher's forward pass is not counted).
-    flops_per_second = main_phase.samples_per_second * model_flops_per_sample(args.model)
-    peak = peak_flops(device, dtype)
-    peak_total = peak * world_size if peak else None  # one replica per device
-    summary.update({
-        "framework": FRAMEWORK,
-        "workload": args.workload,
-        "model": args.model,
-        "dataset": args.dataset,
-        "strategy": plan.kind,
-        "samples_per_second": main_phase.samples_per_second,
-        "flops_per_second": flops_per_second,
-        "mfu": (flops_per_second / peak_total) if peak_total else None,
-        "precision": dtype,
-        "steps": main_phase.steps,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "global_batch_size": global_batch,
-        "final_loss": main_phase.final_loss,
-        "wall_seconds": time.perf_counter() - started,
-        "device": device,
-        "world_size": world_size,
-        "resumed_from_step": main_phase.resumed_from_step,
-    })
+    summary = build_summary(
+        args=args, framework=FRAMEWORK, phases=run.phases, device=accelerator.name,
+        precision=accelerator.precision, devices_per_process=accelerator.devices, world_size=world_size,
+        peak_per_device=accelerator.peak / accelerator.devices if accelerator.peak else None,
+        strategy=plan.kind, distillation=distillation, wall_seconds=time.perf_counter() - started)
     if plan.is_chief:
         write_summary(args.summary, summary)
+        directory.complete()
     log(human_line(summary))
     return 0
 
 
-def validate_args(args) -> None:
-    from leap_trainer.specs import MODEL_LAYERS
+# --- devices ---------------------------------------------------------------------------------------
 
-    if args.model not in MODEL_LAYERS:
-        raise SystemExit(f"leap-train: --model {args.model!r} is unknown; choose one of {sorted(MODEL_LAYERS)}")
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
-        if value is None or value < 1:
-            raise SystemExit(f"leap-train: {flag} must be at least 1, got {value}")
-    if args.lr is None or args.lr <= 0:
-        raise SystemExit(f"leap-train: --lr must be > 0, got {args.lr}")
-    if args.workload not in ("classifier", "distillation"):
-        raise SystemExit(f"leap-train: --workload {args.workload!r} is unknown; choose classifier or distillation")
-    if args.workload == "distillation":
-        teacher = args.teacher or DEFAULT_TEACHER
-        if teacher not in MODEL_LAYERS:
-            raise SystemExit(f"leap-train: --teacher {teacher!r} is unknown; choose one of {sorted(MODEL_LAYERS)}")
-        if args.temperature is None or args.temperature <= 0:
-            raise SystemExit(f"leap-train: --temperature must be > 0, got {args.temperature}")
-        if args.alpha is None or not 0.0 <= args.alpha <= 1.0:
-            raise SystemExit(f"leap-train: --alpha must be between 0 and 1, got {args.alpha}")
+def gpu_details() -> list[dict]:
+    import tensorflow as tf
+
+    return [tf.config.experimental.get_device_details(gpu) for gpu in tf.config.list_physical_devices("GPU")]
+
+
+def describe_device(plan: StrategyPlan, replicas: int, *, gpu_details: list[dict], env) -> Accelerator:
+    """What this worker trains on, for MFU: the device name the peak table reads, the precision
+    TensorFlow computes in, and how many devices this worker drives (its share of the replicas)."""
+    local = max(1, replicas // max(1, plan.workers))
+    if plan.kind == TPU:
+        return Accelerator(tpu_device_name(env), "bf16", local)         # mixed_bfloat16
+    if gpu_details:
+        first = gpu_details[0]
+        capability = tuple(first.get("compute_capability") or (0, 0))
+        # fp32 variables; TensorFlow runs fp32 matmuls in TF32 on compute capability 8.0+ by default.
+        return Accelerator(first.get("device_name", "GPU"), cuda_precision(capability, FRAMEWORK), local)
+    return Accelerator(f"CPU ({cpu_model()}, {env.get('TF_NUM_INTRAOP_THREADS', '?')} threads)", "fp32", 1)
 
 
 # --- models ----------------------------------------------------------------------------------------
 
 def build(model_name: str):
-    from leap_trainer.specs import MODEL_LAYERS
+    from leap_trainer.specs import layers_of
     from leap_trainer.tf_models import build_mlp
 
-    return build_mlp(MODEL_LAYERS[model_name], name=model_name.replace("-", "_"))
+    return build_mlp(layers_of(model_name), name=model_name.replace("-", "_"))
 
 
-def compiled(model, lr: float, plan: StrategyPlan):
+def compiled(model, run: Run):
     import keras
 
     steps_per_execution = STEPS_PER_EXECUTION
-    if plan.kind == MULTI_WORKER:
+    if run.plan.kind == MULTI_WORKER:
         from leap_trainer.tf_keras_compat import MULTI_WORKER_STEPS_PER_EXECUTION, patch_model_for_multi_worker
 
         patch_model_for_multi_worker(model)
         steps_per_execution = MULTI_WORKER_STEPS_PER_EXECUTION
+    from leap_trainer.tf_models import WarmupCosine
+
+    schedule = WarmupCosine(run.args.lr, run.steps_per_epoch * run.args.epochs)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss=None if hasattr(model, "teacher") else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=keras.optimizers.Adam(learning_rate=schedule),
+        loss=None if hasattr(model, "student") else keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         steps_per_execution=steps_per_execution,
-        jit_compile=plan.kind == TPU,  # XLA is how TPUs run anyway; on CPU it only adds compile time
+        jit_compile=run.plan.kind == TPU,  # XLA is how TPUs run anyway; on CPU it only adds compile time
     )
     return model
 
 
-def model_flops_per_sample(model_name: str) -> float:
+def model_flops_per_sample(model_name: str) -> int:
     from leap_trainer.flops import training_flops_per_sample
-    from leap_trainer.specs import MODEL_LAYERS
+    from leap_trainer.specs import layers_of
 
-    return float(training_flops_per_sample(MODEL_LAYERS[model_name]))
+    return training_flops_per_sample(layers_of(model_name))
 
 
 # --- training phases -------------------------------------------------------------------------------
 
-def train_dataset(run: Run, seed: int):
-    """One epoch of shuffled global batches; each worker keeps its share (DATA auto-sharding)."""
+def epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's sample order: the same on every worker, different every epoch, reproducible on resume."""
+    return np.random.default_rng([seed, epoch]).permutation(size)
+
+
+def epoch_dataset(run: Run, seed: int, epoch: int, skip_steps: int, teacher_logits=None):
+    """The global batches of `epoch` after the first `skip_steps`; each worker keeps its share (DATA sharding).
+    With teacher logits the inputs are (pixels, the teacher's logits of those pixels)."""
     import tensorflow as tf
 
-    x, y = run.dataset.x_train, run.dataset.y_train
-    data = tf.data.Dataset.from_tensor_slices((x, y.astype("int32")))
-    data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    order = epoch_order(len(run.dataset.x_train), seed, epoch)
+    order = order[skip_steps * run.global_batch:run.steps_per_epoch * run.global_batch]
+    x = run.dataset.x_train[order]
+    inputs = x if teacher_logits is None else (x, teacher_logits[order])
+    data = tf.data.Dataset.from_tensor_slices((inputs, run.dataset.y_train[order].astype("int32")))
     # drop_remainder: every step has the same shape (TPUs need it) and steps_per_epoch is exact.
     data = data.batch(run.global_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
@@ -243,7 +243,7 @@ def test_dataset(run: Run):
     return data.batch(EVAL_BATCH).with_options(options)
 
 
-def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
+def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], Any], teacher_logits=None):
     """Build (in the strategy's scope), resume, fit and evaluate one phase; returns the model."""
     import keras
 
@@ -261,25 +261,23 @@ def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
     resumed = optimizer_steps(model) if state else 0
     if state:
         log(f"{name}: resumed from {checkpoints.directory / state.weights} at step {resumed}")
+    run.metrics.flops_per_sample = model_flops_per_sample(model_name)
+    log(f"{name}: {model_name}, {run.steps_per_epoch * run.args.epochs} steps of {run.global_batch} samples "
+        f"({run.args.batch_size} x {run.strategy.num_replicas_in_sync} replicas)")
 
-    total = run.steps_per_epoch * run.args.epochs
     clock = PhaseClock(global_batch=run.global_batch, worker_batch=run.worker_batch)
     callbacks = [MetricsReporter(run.metrics, clock, memory_device=memory_device(run.plan))]
     if checkpoints:
         callbacks.append(CheckpointSaver(checkpoints, every_steps=run.args.checkpoint_every or 0,
                                          steps_per_epoch=run.steps_per_epoch, is_chief=run.plan.is_chief))
     began = time.perf_counter()
-    epoch, into_epoch = divmod(resumed, run.steps_per_epoch)
+    first_epoch, into_epoch = divmod(resumed, run.steps_per_epoch)
     losses: list[float] = []
-    if resumed < total and into_epoch:
-        # Finish the interrupted epoch with its remaining batches, then carry on epoch by epoch.
-        history = model.fit(train_dataset(run, seed).take(run.steps_per_epoch - into_epoch), initial_epoch=epoch,
-                            epochs=epoch + 1, callbacks=callbacks, verbose=0)
-        losses += history.history.get("loss", [])
-        epoch += 1
-    if epoch < run.args.epochs:
-        history = model.fit(train_dataset(run, seed), initial_epoch=epoch, epochs=run.args.epochs,
-                            callbacks=callbacks, verbose=0)
+    for epoch in range(first_epoch, run.args.epochs):
+        # The interrupted epoch resumes after the batches it already trained, in the same order.
+        skip = into_epoch if epoch == first_epoch else 0
+        history = model.fit(epoch_dataset(run, seed, epoch, skip, teacher_logits), initial_epoch=epoch,
+                            epochs=epoch + 1, callbacks=callbacks, shuffle=False, verbose=0)
         losses += history.history.get("loss", [])
     train_seconds = time.perf_counter() - began
     steps = optimizer_steps(model)
@@ -288,42 +286,41 @@ def train_phase(run: Run, name: str, make_model: Callable[[], Any]):
 
     accuracy = float(model.evaluate(test_dataset(run), verbose=0, return_dict=True)["accuracy"])
     run.metrics.set_accuracy(accuracy)
-    result = PhaseResult(name, steps, resumed, accuracy, clock.steady_samples_per_second(), train_seconds,
-                         float(losses[-1]) if losses else None)
-    run.phases.append(result)
-    log(f"{name}: {steps} steps, test accuracy {accuracy:.4f}, {result.samples_per_second:.0f} samples/s")
+    phase = Phase(name=name, model=model_name, steps=steps, resumed_from_step=resumed, accuracy=accuracy,
+                  samples_per_second=clock.steady_samples_per_second(),
+                  flops_per_sample=model_flops_per_sample(model_name),
+                  final_loss=float(losses[-1]) if losses else None)
+    run.phases.append(phase)
+    log(f"{name}: {steps} steps, test accuracy {accuracy:.4f}, {phase.samples_per_second:.0f} samples/s "
+        f"in {train_seconds:.1f} s")
     return model
 
 
 def distill(run: Run) -> dict[str, Any]:
+    from leap_trainer.flops import forward_flops_per_sample
+    from leap_trainer.specs import layers_of
     from leap_trainer.tf_models import Distiller
 
     args = run.args
-    teacher_name = args.teacher or DEFAULT_TEACHER
-    # The student is the --model (the small one); the teacher is bigger.
-    student_name = args.model
-    teacher = train_phase(run, "teacher", lambda: compiled(build(teacher_name), args.lr, run.plan))
-    train_phase(run, "student-alone", lambda: compiled(build(student_name), args.lr, run.plan))
+    teacher_phase, alone_phase, distilled_phase = DISTILLATION_PHASES
+    teacher = train_phase(run, teacher_phase, args.teacher, lambda: compiled(build(args.teacher), run))
+    # Once, before the student trains: outside the training loop and its FLOP/s (see flops.py).
+    teacher_logits = np.asarray(teacher.predict(run.dataset.x_train, batch_size=EVAL_BATCH, verbose=0),
+                                dtype=np.float32)
+    train_phase(run, alone_phase, args.model, lambda: compiled(build(args.model), run))
 
     def make_distiller():
-        student = build(student_name)  # first, so it draws the same initial weights as student-alone
-        frozen_teacher = build(teacher_name)
-        frozen_teacher.set_weights(teacher.get_weights())
-        distiller = Distiller(student, frozen_teacher, temperature=args.temperature, alpha=args.alpha)
+        student = build(args.model)  # draws the same initial weights as student-alone (same seed)
+        distiller = Distiller(student, temperature=args.temperature, alpha=args.alpha)
         distiller(run.dataset.x_test[:1])  # build, so checkpoints can be loaded into it
-        return compiled(distiller, args.lr, run.plan)
+        return compiled(distiller, run)
 
-    distiller = train_phase(run, "distilled-student", make_distiller)
+    distiller = train_phase(run, distilled_phase, args.model, make_distiller, teacher_logits=teacher_logits)
     save_final_model(run, distiller.student)
-    teacher_phase, alone_phase, distilled_phase = run.phases
-    return {
-        "test_accuracy": distilled_phase.accuracy,
-        "student_alone_accuracy": alone_phase.accuracy,
-        "teacher_accuracy": teacher_phase.accuracy,
-        "teacher": teacher_name,
-        "temperature": args.temperature,
-        "alpha": args.alpha,
-    }
+    teacher_result, alone_result, _ = run.phases
+    return {"teacher": args.teacher, "teacher_accuracy": teacher_result.accuracy,
+            "student_alone_accuracy": alone_result.accuracy,
+            "teacher_logits_flops": forward_flops_per_sample(layers_of(args.teacher)) * len(run.dataset.x_train)}
 
 
 # --- outputs ---------------------------------------------------------------------------------------
@@ -337,20 +334,6 @@ def save_final_model(run: Run, model) -> None:
     log(f"final model: {path}")
 
 
-def describe_device(plan: StrategyPlan) -> str:
-    """A device name the peak-FLOP/s table understands: the GPU's name, the TPU type, or 'cpu'."""
-    import tensorflow as tf
-
-    if plan.kind == TPU:
-        # GKE sets TPU_ACCELERATOR_TYPE, e.g. v4-8, v5litepod-16, v6e-8: "TPU v5 lite-16" matches the table.
-        accelerator_type = os.environ.get("TPU_ACCELERATOR_TYPE", "").replace("litepod", " lite")
-        return f"TPU {accelerator_type}".strip()
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
-    return "cpu"
-
-
 def memory_device(plan: StrategyPlan) -> str | None:
     """The device whose memory use is exported (leap_accelerator_memory_bytes); None on CPU."""
     if plan.kind == TPU:
@@ -358,41 +341,11 @@ def memory_device(plan: StrategyPlan) -> str | None:
     return "GPU:0" if plan.gpus else None
 
 
-def peak_flops(device: str, dtype: str) -> float | None:
-    from leap_trainer.devices import peak_flops as table_peak
-
-    return table_peak(device, dtype)
-
-
 def checkpointed_steps(checkpoint_dir: Path | None, phases: tuple[str, ...]) -> int:
-    """Steps already done according to the phases' checkpoints: where the counters resume."""
+    """Steps already done according to the phases' checkpoints: where the run's progress resumes."""
     from leap_trainer.tf_checkpoint import PhaseCheckpoints
 
     if checkpoint_dir is None:
         return 0
     states = (PhaseCheckpoints(checkpoint_dir, phase).latest() for phase in phases)
     return sum(state.step for state in states if state is not None)
-
-
-def open_metrics(args, plan: StrategyPlan, device: str, dtype: str, total_steps: int, initial_step: int):
-    """TrainingMetrics for this worker, serving /metrics when a port is given."""
-    from leap_trainer.metrics import TrainingMetrics
-
-    env = os.environ
-    accelerator = env.get(contract.ENV_ACCELERATOR) or (
-        "google-tpu" if plan.kind == TPU else "nvidia-gpu" if plan.gpus else "cpu")
-    metrics = TrainingMetrics(
-        run=env.get(contract.ENV_RUN, "local"),
-        namespace=env.get(contract.ENV_NAMESPACE, ""),
-        rank=plan.worker_index,
-        framework=FRAMEWORK,
-        accelerator=accelerator,
-        port=args.metrics_port,
-        flops_per_sample=model_flops_per_sample(args.model),
-        peak_flops=peak_flops(device, dtype),
-        total_steps=total_steps,
-        initial_step=initial_step,
-    )
-    metrics.start_server()  # serves only when a port is set
-    return metrics
-

@@ -17,6 +17,7 @@ that changes what is trained) and whether the run completed. On start:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -77,6 +78,18 @@ SUMMARY_KEYS: dict[str, str] = {
     "temperature": "distillation: --temperature (else null)",
     "alpha": "distillation: --alpha (else null)",
 }
+
+
+WARMUP_FRACTION = 0.05   # linear warmup over the first 5% of steps, then cosine decay to zero
+
+
+def lr_factor(step: int, total_steps: int) -> float:
+    """The learning rate of optimizer step `step` (0-based) over the peak --lr: both frameworks' schedule."""
+    warmup = max(1, int(total_steps * WARMUP_FRACTION))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def fail(message: str) -> SystemExit:

@@ -12,7 +12,6 @@ Why it is faster than the textbook DataLoader loop:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .orchestrator import lr_factor
+
 REPORT_SECONDS = 0.5     # metrics window: cheap enough to be < 1% of step time, fresh enough for dashboards
-WARMUP_FRACTION = 0.05   # linear warmup over the first 5% of steps, then cosine decay to zero
 
 
 @dataclass
@@ -61,18 +61,10 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "cosine"):
-    """Warmup + cosine (Leap's default), or constant (the article's, for same-math comparisons)."""
+    """Warmup + cosine (Leap's default, orchestrator.lr_factor), or constant (the article's, for same-math comparisons)."""
     if kind == "constant":
         return None
-    warmup = max(1, int(total_steps * WARMUP_FRACTION))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps))
 
 
 def steps_per_epoch(train_size: int, batch_size: int, world_size: int) -> int:
