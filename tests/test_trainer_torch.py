@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from leap_trainer import contract
+from leap_trainer.orchestrator import SUMMARY_KEYS
 from leap_trainer.torch_train import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,9 +96,22 @@ def test_quick_start_classifier_reaches_90_percent_on_digits(tmp_path):
     assert summary["samples_per_second"] > 0 and summary["flops_per_second"] > 0
     assert summary["mfu"] is None  # a CPU has no peak in the table: absent, not invented
     assert summary["resumed_from_step"] == 0
+    assert set(summary) == set(SUMMARY_KEYS)  # the one schema of both frameworks
+    assert summary["flops_per_sample"] == 409_088  # FlopCounterMode's count (tests/test_trainer_numbers.py)
+    assert summary["flops_per_second"] == pytest.approx(summary["samples_per_second"] * 409_088)
     # The final model is a usable state_dict of the 784-128-10 MLP.
     state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert state["0.weight"].shape == (128, 784) and state["2.weight"].shape == (10, 128)
+
+    # Run again, finished: it says so and leaves the summary as it was (no 0 samples/s over it).
+    written = (tmp_path / "summary.json").read_bytes()
+    again = run_cli("--framework", "pytorch", "--workload", "classifier", "--model", workload["model"],
+                    "--dataset", workload["dataset"], "--epochs", str(workload["epochs"]),
+                    "--batch-size", str(workload["batchSize"]), "--lr", str(workload["learningRate"]),
+                    "--checkpoint-dir", str(tmp_path / "ckpt"), "--summary", str(tmp_path / "summary.json"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stdout and "--start-over" in again.stdout
+    assert (tmp_path / "summary.json").read_bytes() == written
 
 
 def test_a_users_npz_dataset_trains_with_its_own_train_test_split(tmp_path):
@@ -126,13 +140,27 @@ def test_distillation_reports_teacher_student_and_student_alone(tmp_path):
     for key in ("test_accuracy", "teacher_accuracy", "student_alone_accuracy"):
         assert 0.8 <= summary[key] <= 1.0, (key, summary[key])
     assert (ckpt / "teacher.pt").exists()
-    # A restart (configured like a pod: the directory from LEAP_CHECKPOINT_DIR) reuses the trained
-    # teacher instead of training it again, and the summary defaults to <checkpoint dir>/summary.json.
+    assert set(summary) == set(SUMMARY_KEYS)
+    assert set(summary["phases"]) == {"teacher", "student-alone", "student-distilled"}
+    assert summary["phases"]["teacher"]["flops_per_sample"] == 2_407_424  # mlp-large trains
+    assert summary["flops_per_sample"] == 409_088                        # the student, on precomputed logits
+    assert summary["teacher_logits_flops"] == 2 * (784 * 512 + 512 * 256 + 256 * 10) * 4000
+    # A restart after a kill (run.json not marked complete), configured like a pod (the directory from
+    # LEAP_CHECKPOINT_DIR), reuses the trained teacher instead of training it again, and the summary
+    # defaults to <checkpoint dir>/summary.json.
+    record = json.loads((ckpt / "run.json").read_text())
+    (ckpt / "run.json").write_text(json.dumps({**record, "complete": False}))
     rerun = run_cli("--workload", "distillation", "--epochs", "3",
                     env=clean_env(**{contract.ENV_CHECKPOINT_DIR: str(ckpt)}))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "teacher loaded" in rerun.stdout
     assert json.loads((ckpt / "summary.json").read_text())["teacher_accuracy"] == summary["teacher_accuracy"]
+    # The same directory with other distillation settings is refused, naming each changed flag.
+    changed = run_cli("--workload", "distillation", "--epochs", "3", "--alpha", "0.5", "--temperature", "2",
+                      env=clean_env(**{contract.ENV_CHECKPOINT_DIR: str(ckpt)}))
+    assert changed.returncode == 2
+    assert "--alpha: checkpoint 0.7, now 0.5" in changed.stderr and "--temperature" in changed.stderr
+    assert "--start-over" in changed.stderr and "Traceback" not in changed.stderr
 
 
 def test_two_process_ddp_trains_with_world_size_2_and_both_ranks_export_metrics(tmp_path):
@@ -221,6 +249,19 @@ def test_killed_mid_run_resumes_from_the_saved_step(tmp_path):
     # A checkpoint directory of another run is refused, not silently mixed in.
     other = run_cli(*flags[:-4], "--model", "mlp-large", "--checkpoint-dir", str(ckpt))
     assert other.returncode != 0 and "--checkpoint-dir" in other.stderr
+    assert "--model: checkpoint 'mlp', now 'mlp-large'" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_metrics_port_in_use_is_one_clear_line(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        result = run_cli("--dataset", "synthetic", "--samples", "2000", "--epochs", "1", "--metrics-port", str(port),
+                         timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port}" in lines[0] and "--metrics-port" in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("flags, named", [
