@@ -185,6 +185,8 @@ _ROWS = (
     ("flops_per_second", "FLOP/s", lambda v: si(v, "FLOP/s")),
     ("mfu", "MFU", lambda v: f"{100 * v:.2f}%"),
     ("steps", "steps", lambda v: f"{int(v)}"),
+    ("batch_size", "batch per process", lambda v: f"{int(v)}"),
+    ("global_batch_size", "global batch (per step)", lambda v: f"{int(v)}"),
     ("resumed_from_step", "resumed from step", lambda v: f"{int(v)}" if v else None),
     ("world_size", "world size", lambda v: f"{int(v)}"),
     ("device", "device", str),
