@@ -197,6 +197,7 @@ def test_tpu_multihost_slice():
     hosts = [f"keras-tpu-multihost-a1-{i}.keras-tpu-multihost.default.svc.cluster.local" for i in range(4)]
     assert env[contract.ENV_TPU_WORKER_HOSTNAMES] == ",".join(hosts)
     assert env[contract.ENV_TPU_WORKER_ID] == env[contract.ENV_WORKER_INDEX]
+    assert env[contract.ENV_TPU_TYPE] == "tpu-v5-lite-podslice"  # leap-train's peak FLOP/s reads it
     assert env[contract.ENV_WORKER_HOSTS] == ",".join(f"{h}:{contract.DEFAULT_TF_PORT}" for h in hosts)
     assert contract.ENV_MASTER_ADDR not in env  # TensorFlow: no torch rendezvous
 
