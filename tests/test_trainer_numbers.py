@@ -335,3 +335,15 @@ def test_more_processes_than_gpus_is_refused_at_start_up(capsys):
         check_gpus_per_process(2, 1)
     message = capsys.readouterr().err
     assert "NPROC_PER_NODE=2" in message and "1 GPU" in message and "procsPerWorker" in message
+
+
+def test_global_batch_size_is_split_evenly_over_the_processes(capsys):
+    from leap_trainer.orchestrator import resolve_batch_size
+
+    assert resolve_batch_size(SimpleNamespace(batch_size=64, global_batch_size=128), 2) == 64
+    assert resolve_batch_size(SimpleNamespace(batch_size=64, global_batch_size=128), 1) == 128
+    assert resolve_batch_size(SimpleNamespace(batch_size=32, global_batch_size=None), 4) == 32
+    with pytest.raises(SystemExit):
+        resolve_batch_size(SimpleNamespace(batch_size=64, global_batch_size=128), 3)
+    message = capsys.readouterr().err
+    assert "--global-batch-size 128" in message and "multiple of 3" in message

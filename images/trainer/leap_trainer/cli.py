@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training samples (synthetic: how many to generate; digits: a prefix)")
     p.add_argument("--epochs", type=_positive(int), default=10)
     p.add_argument("--batch-size", type=_positive(int), default=64, help="per process; global = this x world size")
+    p.add_argument("--global-batch-size", type=_positive(int), default=None,
+                   help="samples per step across all processes (instead of --batch-size): each takes an equal share")
     p.add_argument("--lr", type=_positive(float), default=1e-3,
                    help="peak learning rate (PyTorch: 5%% linear warmup, then cosine decay)")
     p.add_argument("--teacher", choices=sorted(MODEL_LAYERS), default="mlp-large", help="distillation teacher")

@@ -30,7 +30,8 @@ import numpy as np
 from leap_trainer import contract
 from leap_trainer.devices import Accelerator, cpu_model, cpu_threads, cuda_precision, tpu_device_name
 from leap_trainer.orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, Phase, RunDirectory,
-                                       already_complete_message, build_summary, fail, fingerprint, open_metrics)
+                                       already_complete_message, build_summary, fail, fingerprint, open_metrics,
+                                       resolve_batch_size)
 from leap_trainer.summary import human_line, write_summary
 from leap_trainer.tf_strategy import (
     MULTI_WORKER,
@@ -98,6 +99,7 @@ def main(args) -> int:
     except (ValueError, OSError) as error:
         raise fail(f"--dataset {args.dataset!r}: {error}") from None
     world_size = strategy.num_replicas_in_sync
+    args.batch_size = resolve_batch_size(args, world_size, "replicas")
     global_batch = args.batch_size * world_size
     steps_per_epoch = len(dataset.x_train) // global_batch
     if steps_per_epoch == 0:

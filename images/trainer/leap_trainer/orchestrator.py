@@ -98,6 +98,17 @@ def fail(message: str) -> SystemExit:
     return SystemExit(2)
 
 
+def resolve_batch_size(args, world_size: int, unit: str = "process(es)") -> int:
+    """The per-process batch: --global-batch-size split evenly over the world, else --batch-size."""
+    total = getattr(args, "global_batch_size", None)
+    if not total:
+        return args.batch_size
+    if total % world_size:
+        raise fail(f"--global-batch-size {total} does not split evenly over {world_size} {unit}; "
+                   f"use a multiple of {world_size}, or --batch-size for the per-process batch")
+    return total // world_size
+
+
 # --- the run's identity -----------------------------------------------------------------------------
 
 def fingerprint(args, world_size: int) -> dict[str, Any]:

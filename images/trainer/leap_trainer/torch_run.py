@@ -16,7 +16,7 @@ from .distributed import Layout, destroy_process_group, init_process_group, layo
 from .flops import forward_flops_per_sample, training_flops_per_sample
 from .metrics import TrainingMetrics
 from .orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, Phase, RunDirectory, already_complete_message,
-                           build_summary, fail, fingerprint, open_metrics)
+                           build_summary, fail, fingerprint, open_metrics, resolve_batch_size)
 from .specs import layers_of
 from .summary import human_line, write_summary
 from .torch_models import build_mlp
@@ -92,6 +92,7 @@ class Run:
         self.peak = self.accelerator.peak if device.type == "cuda" else None
         self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
         self.directory = RunDirectory(self.dir, writer=layout.is_main)
+        args.batch_size = resolve_batch_size(args, layout.world_size)
         dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
         self.train_size = len(dataset.x_train)
         self.data = DeviceData.from_dataset(dataset, device)
