@@ -203,7 +203,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
     history: list[tuple[int, float, float]] = []
     loss_sum = torch.zeros((), device=device)   # summed on the device: no host sync per step
     window_steps = 0
-    timer = StepTimer(device)
+    timer = StepTimer(device) if metrics is not None else None   # step times feed the metrics' histogram
     started = window_start = time.perf_counter()
 
     def flush(warmup: bool = False) -> None:
@@ -221,7 +221,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         if not warmup:
             train_seconds += seconds
             samples += window_steps * batch_size
-        step_seconds = timer.read()
+        step_seconds = timer.read() if timer is not None else None
         if metrics is not None:
             metrics.report(steps=window_steps, samples=window_steps * batch_size, seconds=seconds, loss=last_loss,
                            step_seconds=step_seconds)
@@ -235,10 +235,12 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         """After evaluation or a checkpoint write: neither is training time."""
         nonlocal window_start
         window_start = time.perf_counter()
-        timer.start()
+        if timer is not None:
+            timer.start()
 
     model.train()
-    timer.start()
+    if timer is not None:
+        timer.start()
     for epoch in range(step // per_epoch, epochs):
         if metrics is not None:
             metrics.set_epoch(epoch + 1)
@@ -256,7 +258,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             if scheduler is not None:
                 scheduler.step()
             loss_sum += loss.detach()
-            timer.step()
+            if timer is not None:
+                timer.step()
             step += 1
             window_steps += 1
             if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
