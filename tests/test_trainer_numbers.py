@@ -224,6 +224,43 @@ def test_step_timer_on_cpu_times_every_step():
     assert len(times) == 4 and times[2] >= 0.03 and max(times[0], times[1], times[3]) < 0.03
 
 
+def test_step_timer_on_cuda_records_events_and_syncs_once_per_window(monkeypatch):
+    """The CUDA path's bookkeeping with a stand-in for torch.cuda.Event (no GPU here): an event per
+    step, one synchronize per window, each step's time from consecutive events, events reused."""
+    created, syncs = [], []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            created.append(self)
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            syncs.append(self)
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3   # milliseconds, as CUDA reports
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    timer = StepTimer(torch.device("cuda", 0))
+    timer.start()
+    for pause in (0.001, 0.02):
+        time.sleep(pause)
+        timer.step()
+    assert syncs == []                        # no sync while stepping
+    first = timer.read()
+    assert len(syncs) == 1 and len(first) == 2 and first[1] >= 0.02 > first[0]
+    for _ in range(2):
+        timer.step()
+    assert len(timer.read()) == 2 and len(syncs) == 2
+    assert len(created) == 3                  # the second window reused the first one's spent events
+    timer.start()
+    timer.step()
+    assert len(created) == 3
+
+
 def test_fit_reports_one_histogram_observation_per_step():
     torch.manual_seed(0)
     model = build_mlp("mlp")

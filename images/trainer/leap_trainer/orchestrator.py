@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +233,6 @@ class Phase:
     samples_per_second: float    # global: all processes
     flops_per_sample: float
     final_loss: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self, peak_total: float | None) -> dict[str, Any]:
         flops_per_second = self.samples_per_second * self.flops_per_sample
