@@ -125,7 +125,8 @@ class MetricsReporter(keras.callbacks.Callback):
 
 
 class CheckpointSaver(keras.callbacks.Callback):
-    """Saves the phase about every `every_steps` optimizer steps and at every epoch end.
+    """Saves the phase about every `every_steps` optimizer steps and at every epoch end (with
+    every_steps 0: neither; the phase's final save is the only one, as on PyTorch).
 
     Keras' batch index (the last step of each batch group, within the epoch) tells when a save
     is due, so the step counter is read only when saving. Only the chief worker writes.
@@ -151,6 +152,8 @@ class CheckpointSaver(keras.callbacks.Callback):
             self._save(optimizer_steps(self.model))
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.every_steps:
+            return   # --checkpoint-every 0: only at the end of the phase, as on PyTorch
         steps = optimizer_steps(self.model)
         if steps != self._last_saved:
             self._save(steps)
