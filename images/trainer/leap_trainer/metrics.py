@@ -20,9 +20,12 @@ from . import contract as c
 
 
 class PortInUse(Exception):
+    """The metrics port is taken (by another process, or another local rank's port + r)."""
+
     def __init__(self, port: int, error: OSError):
         super().__init__(f"port {port}: {error.strerror or error}")
         self.port = port
+
 
 # Step time buckets, 20 us (a small model on a GPU) to 60 s (a slow multi-host step).
 STEP_SECONDS_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
