@@ -196,6 +196,15 @@ def test_two_process_ddp_trains_with_world_size_2_and_both_ranks_export_metrics(
     assert summary["test_accuracy"] > 0.5  # synthetic data is learnable: well above 10% chance
 
 
+def test_global_batch_size_gives_two_processes_the_steps_of_one(tmp_path):
+    flags = ["--dataset", "synthetic", "--samples", "8000", "--epochs", "1", "--global-batch-size", "128"]
+    one = train(tmp_path, *flags)
+    two = train(tmp_path, *flags, env=clean_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
+    assert (one["world_size"], one["batch_size"], one["global_batch_size"]) == (1, 128, 128)
+    assert (two["world_size"], two["batch_size"], two["global_batch_size"]) == (2, 64, 128)
+    assert one["steps"] == two["steps"] == 8000 // 128
+
+
 def test_launcher_stops_the_other_process_and_fails_when_one_process_fails(tmp_path):
     port = free_port_pair()
     with socket.socket() as blocker:  # local rank 1's metrics port is taken: that rank fails at start
