@@ -384,3 +384,36 @@ def test_global_batch_size_is_split_evenly_over_the_processes(capsys):
         resolve_batch_size(SimpleNamespace(batch_size=64, global_batch_size=128), 3)
     message = capsys.readouterr().err
     assert "--global-batch-size 128" in message and "multiple of 3" in message
+
+
+def test_one_workload_flow_drives_either_backend():
+    """orchestrator.train_workload is the only place the phases' order lives: a recording backend."""
+    from leap_trainer.orchestrator import train_workload
+
+    class Recorder:
+        train_size = 4000
+
+        def __init__(self):
+            self.calls, self.phases = [], []
+
+        def train(self, phase, model_name, *, teacher_logits=None):
+            self.calls.append((phase, model_name, teacher_logits))
+            self.phases.append(Phase(phase, model_name, 10, 0, {"teacher": 0.95}.get(phase, 0.9), 1.0, 1.0))
+            return f"{phase}-model"
+
+        def teacher_logits(self, teacher):
+            self.calls.append(("logits of", teacher, None))
+            return "logits"
+
+        def save_final(self, model):
+            self.calls.append(("final", model, None))
+
+    backend = Recorder()
+    facts = train_workload(backend, distillation_args())
+    assert backend.calls == [("teacher", "mlp-large", None), ("logits of", "teacher-model", None),
+                             ("student-alone", "mlp", None), ("student-distilled", "mlp", "logits"),
+                             ("final", "student-distilled-model", None)]
+    assert facts["teacher_accuracy"] == 0.95 and facts["teacher_logits_flops"] == 4000 * 2 * 535_040
+    classifier = Recorder()
+    assert train_workload(classifier, distillation_args(workload="classifier")) is None
+    assert classifier.calls == [("classifier", "mlp", None), ("final", "classifier-model", None)]

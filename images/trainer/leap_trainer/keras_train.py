@@ -29,9 +29,9 @@ import numpy as np
 
 from leap_trainer import contract
 from leap_trainer.devices import Accelerator, cpu_model, cpu_threads, cuda_precision, tpu_device_name
-from leap_trainer.orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, Phase, RunDirectory,
-                                       already_complete_message, build_summary, fail, fingerprint, open_metrics,
-                                       resolve_batch_size)
+from leap_trainer.orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, PHASE_SEED_OFFSETS, Phase,
+                                       RunDirectory, already_complete_message, build_summary, fail, fingerprint,
+                                       open_metrics, resolve_batch_size, train_workload)
 from leap_trainer.summary import human_line, write_summary
 from leap_trainer.tf_strategy import (
     MULTI_WORKER,
@@ -47,7 +47,6 @@ from leap_trainer.tf_strategy import (
 FRAMEWORK = "tensorflow"
 STEPS_PER_EXECUTION = 50
 EVAL_BATCH = 1000
-PHASE_SEEDS = {"classifier": 0, "teacher": 1, "student-alone": 2, "student-distilled": 2}
 
 
 def log(message: str) -> None:
@@ -56,7 +55,7 @@ def log(message: str) -> None:
 
 @dataclass
 class Run:
-    """Everything the phases share."""
+    """Everything the phases share; the Keras backend of orchestrator.train_workload."""
 
     args: Any
     plan: StrategyPlan
@@ -68,6 +67,31 @@ class Run:
     metrics: Any
     checkpoint_dir: Path | None
     phases: list[Phase]
+
+    @property
+    def train_size(self) -> int:
+        return len(self.dataset.x_train)
+
+    def train(self, phase: str, model_name: str, *, teacher_logits=None):
+        """Every phase checkpoints to keras/<phase>/ and resumes from it (a finished one is skipped)."""
+        if teacher_logits is None:
+            return train_phase(self, phase, model_name, lambda: compiled(build(model_name), self))
+
+        def make_distiller():
+            from leap_trainer.tf_models import Distiller
+
+            student = build(model_name)  # draws the same initial weights as student-alone (same seed)
+            distiller = Distiller(student, temperature=self.args.temperature, alpha=self.args.alpha)
+            distiller(self.dataset.x_test[:1])  # build, so checkpoints can be loaded into it
+            return compiled(distiller, self)
+
+        return train_phase(self, phase, model_name, make_distiller, teacher_logits=teacher_logits)
+
+    def teacher_logits(self, teacher) -> np.ndarray:
+        return np.asarray(teacher.predict(self.dataset.x_train, batch_size=EVAL_BATCH, verbose=0), dtype=np.float32)
+
+    def save_final(self, model) -> None:
+        save_final_model(self, getattr(model, "student", model))   # the distiller's student
 
 
 def main(args) -> int:
@@ -129,13 +153,8 @@ def main(args) -> int:
     worker_batch = global_batch // max(1, plan.workers)
     run = Run(args, plan, strategy, dataset, global_batch, worker_batch, steps_per_epoch, metrics, checkpoint_dir, [])
 
-    distillation = None
     try:
-        if args.workload == "distillation":
-            distillation = distill(run)
-        else:
-            model = train_phase(run, "classifier", args.model, lambda: compiled(build(args.model), run))
-            save_final_model(run, model)
+        distillation = train_workload(run, args)
         metrics.finish()
     finally:
         metrics.close()
@@ -254,7 +273,7 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
 
     # Same initial weights on every worker; the student trained alone and the distilled student
     # start from the same weights, so the comparison is distillation alone.
-    seed = run.args.seed + PHASE_SEEDS.get(name, 0)
+    seed = run.args.seed + PHASE_SEED_OFFSETS[name]
     keras.utils.set_random_seed(seed)
     with run.strategy.scope():
         model = make_model()
@@ -296,33 +315,6 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
     log(f"{name}: {steps} steps, test accuracy {accuracy:.4f}, {phase.samples_per_second:.0f} samples/s "
         f"in {train_seconds:.1f} s")
     return model
-
-
-def distill(run: Run) -> dict[str, Any]:
-    from leap_trainer.flops import forward_flops_per_sample
-    from leap_trainer.specs import layers_of
-    from leap_trainer.tf_models import Distiller
-
-    args = run.args
-    teacher_phase, alone_phase, distilled_phase = DISTILLATION_PHASES
-    teacher = train_phase(run, teacher_phase, args.teacher, lambda: compiled(build(args.teacher), run))
-    # Once, before the student trains: outside the training loop and its FLOP/s (see flops.py).
-    teacher_logits = np.asarray(teacher.predict(run.dataset.x_train, batch_size=EVAL_BATCH, verbose=0),
-                                dtype=np.float32)
-    train_phase(run, alone_phase, args.model, lambda: compiled(build(args.model), run))
-
-    def make_distiller():
-        student = build(args.model)  # draws the same initial weights as student-alone (same seed)
-        distiller = Distiller(student, temperature=args.temperature, alpha=args.alpha)
-        distiller(run.dataset.x_test[:1])  # build, so checkpoints can be loaded into it
-        return compiled(distiller, run)
-
-    distiller = train_phase(run, distilled_phase, args.model, make_distiller, teacher_logits=teacher_logits)
-    save_final_model(run, distiller.student)
-    teacher_result, alone_result, _ = run.phases
-    return {"teacher": args.teacher, "teacher_accuracy": teacher_result.accuracy,
-            "student_alone_accuracy": alone_result.accuracy,
-            "teacher_logits_flops": forward_flops_per_sample(layers_of(args.teacher)) * len(run.dataset.x_train)}
 
 
 # --- outputs ---------------------------------------------------------------------------------------

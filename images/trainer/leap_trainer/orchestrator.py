@@ -23,7 +23,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import contract as c
 from .metrics import PortInUse, TrainingMetrics
@@ -33,6 +33,8 @@ CLASSIFIER_PHASES = ("classifier",)
 # Distillation: the teacher (trained, or loaded when a previous attempt saved it), the student
 # trained alone (the baseline), then the same student with the distillation loss.
 DISTILLATION_PHASES = ("teacher", "student-alone", "student-distilled")
+# Added to --seed per phase: both students start from the same weights (a fair comparison).
+PHASE_SEED_OFFSETS = {"classifier": 0, "teacher": 1000, "student-alone": 1, "student-distilled": 1}
 # Files and folders leap-train writes in D (and --start-over removes); nothing else is touched.
 OWNED = (RUN_FILE, "latest.pt", "model.pt", "teacher.pt", "keras", "summary.json")
 
@@ -217,6 +219,43 @@ def open_metrics(*, args, rank: int, local_rank: int, framework: str, accelerato
         raise fail(f"cannot serve metrics on port {error.port}{offset}: it is in use ({error}); "
                    f"choose another --metrics-port (or {c.ENV_METRICS_PORT}), or 0 for none") from None
     return metrics
+
+
+# --- the workload ---------------------------------------------------------------------------------
+
+class Backend(Protocol):
+    """What a framework provides: train one phase (resuming it where that framework checkpoints
+    it, appending its Phase to `phases`), the teacher's logits, the final model's file."""
+
+    phases: list["Phase"]
+    train_size: int
+
+    def train(self, phase: str, model_name: str, *, teacher_logits: Any = None) -> Any: ...
+
+    def teacher_logits(self, teacher: Any) -> Any: ...
+
+    def save_final(self, model: Any) -> None: ...
+
+
+def train_workload(backend: Backend, args) -> dict[str, Any] | None:
+    """The workload's phases, in order, on any backend; returns distillation's summary facts (None for a classifier)."""
+    if args.workload != "distillation":
+        backend.save_final(backend.train("classifier", args.model))
+        return None
+    teacher_phase, alone_phase, distilled_phase = DISTILLATION_PHASES
+    teacher = backend.train(teacher_phase, args.teacher)
+    # Once, before the students train: outside the training loop and its FLOP/s (see flops.py).
+    logits = backend.teacher_logits(teacher)
+    backend.train(alone_phase, args.model)
+    student = backend.train(distilled_phase, args.model, teacher_logits=logits)
+    backend.save_final(student)
+    by_name = {phase.name: phase for phase in backend.phases}
+    from .flops import forward_flops_per_sample
+    from .specs import layers_of
+
+    return {"teacher": args.teacher, "teacher_accuracy": by_name[teacher_phase].accuracy,
+            "student_alone_accuracy": by_name[alone_phase].accuracy,
+            "teacher_logits_flops": forward_flops_per_sample(layers_of(args.teacher)) * backend.train_size}
 
 
 # --- phases and the summary ------------------------------------------------------------------------

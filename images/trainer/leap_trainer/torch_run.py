@@ -13,10 +13,11 @@ from . import contract as c
 from .data import load_dataset
 from .devices import Accelerator, cpu_model, cpu_threads, cuda_precision
 from .distributed import Layout, destroy_process_group, init_process_group, layout_from_env
-from .flops import forward_flops_per_sample, training_flops_per_sample
+from .flops import training_flops_per_sample
 from .metrics import TrainingMetrics
-from .orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, Phase, RunDirectory, already_complete_message,
-                           build_summary, fail, fingerprint, open_metrics, resolve_batch_size)
+from .orchestrator import (CLASSIFIER_PHASES, DISTILLATION_PHASES, PHASE_SEED_OFFSETS, Phase, RunDirectory,
+                           already_complete_message, build_summary, fail, fingerprint, open_metrics,
+                           resolve_batch_size, train_workload)
 from .specs import layers_of
 from .summary import human_line, write_summary
 from .torch_models import build_mlp
@@ -24,6 +25,9 @@ from .torch_train import (DeviceData, FitResult, cross_entropy, distillation_los
                           make_schedule, predict_logits, steps_per_epoch)
 
 FRAMEWORK = "pytorch"
+# Phases that checkpoint to latest.pt and resume from it (the teacher has teacher.pt; the student
+# trained alone, a baseline, is retrained on a restart).
+RESUMABLE = ("classifier", "student-distilled")
 
 
 def main(args) -> int:
@@ -105,6 +109,7 @@ class Run:
         self.total_steps = self.per_epoch * args.epochs
         self.metrics: TrainingMetrics | None = None
         self.phases: list[Phase] = []
+        self.teacher_state: dict | None = None   # distillation: teacher.pt of an earlier attempt
 
     def log(self, message: str) -> None:
         if self.layout.is_main:
@@ -156,8 +161,35 @@ class Run:
             model = torch.compile(model)
         return model
 
-    def train(self, model_name: str, *, phase: str, loss_fn=None, resume: bool = False,
-              seed_offset: int = 0) -> tuple[torch.nn.Module, FitResult]:
+    # --- the backend (orchestrator.Backend) ---------------------------------------------------
+    def train(self, phase: str, model_name: str, *, teacher_logits=None) -> torch.nn.Module:
+        """One phase. The final phase (classifier, distilled student) checkpoints to latest.pt and
+        resumes from it; the teacher is saved to teacher.pt once trained and loaded from it after."""
+        if phase == DISTILLATION_PHASES[0] and self.teacher_state is not None:
+            teacher = build_mlp(model_name).to(self.device)
+            teacher.load_state_dict(self.teacher_state)
+            self.log(f"teacher loaded from {self.dir / ckpt.TEACHER}")
+            accuracy = evaluate(teacher, self.data.x_test, self.data.y_test, self.autocast)
+            self.phases.append(Phase(name=phase, model=model_name, steps=self.total_steps,
+                                     resumed_from_step=self.total_steps, accuracy=accuracy, samples_per_second=0.0,
+                                     flops_per_sample=training_flops_per_sample(layers_of(model_name))))
+            return teacher
+        loss_fn = (distillation_loss(teacher_logits, self.args.temperature, self.args.alpha)
+                   if teacher_logits is not None else None)
+        model, _ = self.fit_phase(model_name, phase=phase, loss_fn=loss_fn, resume=phase in RESUMABLE,
+                                  seed_offset=PHASE_SEED_OFFSETS[phase])
+        if phase == DISTILLATION_PHASES[0]:
+            self.save_model(model, ckpt.TEACHER)
+        return model
+
+    def teacher_logits(self, teacher: torch.nn.Module) -> torch.Tensor:
+        return predict_logits(teacher, self.data.x_train)
+
+    def save_final(self, model: torch.nn.Module) -> None:
+        self.save_model(model, ckpt.FINAL_MODEL)
+
+    def fit_phase(self, model_name: str, *, phase: str, loss_fn=None, resume: bool = False,
+                  seed_offset: int = 0) -> tuple[torch.nn.Module, FitResult]:
         """One training phase: build, (resume), fit, (checkpoint). Returns the plain model."""
         args = self.args
         torch.manual_seed(args.seed + seed_offset)
@@ -205,73 +237,32 @@ class Run:
         if self.layout.is_main and self.dir is not None:
             ckpt.save_atomic(model.state_dict(), self.dir / filename)
 
-    # --- workloads -------------------------------------------------------------------------
+    # --- the run ----------------------------------------------------------------------------
     def execute(self, started: float) -> dict | None:
         """Train the workload; None when the run in D is already complete (nothing is written)."""
         if self.begin() == "complete":
             self.log(already_complete_message(self.dir, self.args.summary))
             return None
-        distillation = None
-        if self.args.workload == "distillation":
-            distillation = self.distillation()
-        else:
-            self.classifier()
-        return build_summary(args=self.args, framework=FRAMEWORK, phases=self.phases, device=self.name,
+        args = self.args
+        distilling = args.workload == "distillation"
+        teacher_path = self.dir / ckpt.TEACHER if self.dir and distilling else None
+        self.teacher_state = self.shared(ckpt.load(teacher_path) if self.layout.is_main and teacher_path else None)
+        latest = self.dir / ckpt.LATEST if self.dir else None
+        resumed_step = self.shared(_saved_step(latest) if self.layout.is_main else 0)
+        # The run's steps done before this process: a saved teacher's, and the final phase's.
+        done = (self.total_steps if self.teacher_state is not None else 0) + resumed_step
+        phases = DISTILLATION_PHASES if distilling else CLASSIFIER_PHASES
+        self.metrics = self.open_metrics(phases=len(phases), initial_step=done,
+                                         model=args.teacher if distilling else args.model)
+        try:
+            distillation = train_workload(self, args)
+            self.metrics.finish()
+        finally:
+            self.metrics.close()
+        return build_summary(args=args, framework=FRAMEWORK, phases=self.phases, device=self.name,
                              precision=self.precision, devices_per_process=1,
                              world_size=self.layout.world_size, peak_per_device=self.peak,
                              distillation=distillation, wall_seconds=time.perf_counter() - started)
-
-    def classifier(self) -> None:
-        latest = self.dir / ckpt.LATEST if self.dir else None
-        resumed_step = self.shared(_saved_step(latest) if self.layout.is_main else 0)
-        self.metrics = self.open_metrics(phases=len(CLASSIFIER_PHASES), initial_step=resumed_step,
-                                         model=self.args.model)
-        try:
-            model, _ = self.train(self.args.model, phase="classifier", resume=True)
-            self.save_model(model, ckpt.FINAL_MODEL)
-            self.metrics.finish()
-        finally:
-            self.metrics.close()
-
-    def distillation(self) -> dict:
-        args = self.args
-        teacher_name = args.teacher
-        teacher_path = self.dir / ckpt.TEACHER if self.dir else None
-        teacher_state = self.shared(ckpt.load(teacher_path) if self.layout.is_main and teacher_path else None)
-        latest = self.dir / ckpt.LATEST if self.dir else None
-        resumed_step = self.shared(_saved_step(latest) if self.layout.is_main else 0)
-        # The run's steps done before this process: a saved teacher's, and the distilled student's.
-        done = (self.total_steps if teacher_state is not None else 0) + resumed_step
-        self.metrics = self.open_metrics(phases=len(DISTILLATION_PHASES), initial_step=done, model=teacher_name)
-        teacher_phase, alone_phase, distilled_phase = DISTILLATION_PHASES
-        try:
-            if teacher_state is not None:
-                teacher = build_mlp(teacher_name).to(self.device)
-                teacher.load_state_dict(teacher_state)
-                self.log(f"teacher loaded from {teacher_path}")
-            else:
-                teacher, _ = self.train(teacher_name, phase=teacher_phase, seed_offset=1000)
-                self.save_model(teacher, ckpt.TEACHER)
-            teacher_accuracy = evaluate(teacher, self.data.x_test, self.data.y_test, self.autocast)
-            if teacher_state is not None:
-                self.phases.append(Phase(name=teacher_phase, model=teacher_name, steps=self.total_steps,
-                                         resumed_from_step=self.total_steps, accuracy=teacher_accuracy,
-                                         samples_per_second=0.0,
-                                         flops_per_sample=training_flops_per_sample(layers_of(teacher_name))))
-            # Once, before the student trains: outside the training loop and its FLOP/s (see flops.py).
-            teacher_logits = predict_logits(teacher, self.data.x_train)
-            # Same initialisation (seed offset) and steps for both students: a fair comparison.
-            _, alone = self.train(args.model, phase=alone_phase, seed_offset=1)
-            student, _ = self.train(
-                args.model, phase=distilled_phase, seed_offset=1, resume=True,
-                loss_fn=distillation_loss(teacher_logits, args.temperature, args.alpha))
-            self.save_model(student, ckpt.FINAL_MODEL)
-            self.metrics.finish()
-        finally:
-            self.metrics.close()
-        return {"teacher": teacher_name, "teacher_accuracy": teacher_accuracy,
-                "student_alone_accuracy": alone.accuracy,
-                "teacher_logits_flops": forward_flops_per_sample(layers_of(teacher_name)) * self.train_size}
 
 
 def _saved_step(latest: Path | None) -> int:
