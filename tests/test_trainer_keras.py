@@ -307,6 +307,10 @@ def test_keras_metrics_endpoint_serves_tensorflow_series(tmp_path: Path):
                      contract.M_PROGRESS, contract.M_LOSS):
             assert re.search(rf'^{name}{{[^}}]*framework="tensorflow"[^}}]*}} ', text, re.M), name
         assert 'run="keras-metrics"' in text
+        # Every step is in the step-time histogram (each of a 50-step group at the group's mean).
+        count = re.search(rf'^{contract.M_STEP_SECONDS}_count{{[^}}]*}} (\S+)$', text, re.M)
+        steps = re.search(rf'^{contract.M_STEPS}{{[^}}]*}} (\S+)$', text, re.M)
+        assert count and steps and float(count.group(1)) == float(steps.group(1)) > 0
     finally:
         process.send_signal(signal.SIGTERM)
         try:

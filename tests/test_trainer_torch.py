@@ -190,6 +190,8 @@ def test_two_process_ddp_trains_with_world_size_2_and_both_ranks_export_metrics(
         assert f'rank="{rank}"' in text and 'run="ddp-test"' in text
         assert metric_value(text, contract.M_SAMPLES_PER_SECOND) > 0
         assert metric_value(text, contract.M_TOTAL_STEPS) == (40000 // 2 // 64) * 3
+        # Every step this rank took is one observation of its own time in the histogram.
+        assert metric_value(text, contract.M_STEP_SECONDS + "_count") == metric_value(text, contract.M_STEPS)
     summary = json.loads(summary_path.read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 128
     assert summary["steps"] == (40000 // 2 // 64) * 3  # each rank trains half the data per epoch
