@@ -11,7 +11,7 @@ A dense layer with an n_in x n_out weight does, per sample:
   "6 x weights" rule of thumb overstates its training FLOPs by 1.49x.
 
 Biases, activations, softmax and the loss are element-wise and not counted (as torch's
-FlopCounterMode, which counts matmuls, does not). tests/test_trainer_flops.py checks every
+FlopCounterMode, which counts matmuls, does not). tests/test_trainer_numbers.py checks every
 built-in model and workload against FlopCounterMode on a real training step.
 
 Distillation: the teacher is frozen once trained, so both frameworks compute its soft targets
