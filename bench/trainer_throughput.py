@@ -26,11 +26,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from leap_trainer.data import load_dataset
-from leap_trainer.devices import peak_flops
 from leap_trainer.flops import training_flops_per_sample
 from leap_trainer.specs import layers_of
 from leap_trainer.torch_models import build_mlp
-from leap_trainer.torch_run import device_name
+from leap_trainer.torch_run import describe, device_name
 from leap_trainer.torch_train import DeviceData, evaluate, fit, make_optimizer, make_schedule
 
 TARGET = 0.90
@@ -118,7 +117,7 @@ def leap_time_to_accuracy(dataset, device, batch_size, lr, epochs) -> tuple[floa
     optimizer = make_optimizer(model, lr)
     per_epoch = len(dataset.x_train) // batch_size
     scheduler = make_schedule(optimizer, per_epoch * epochs)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = torch.bfloat16 if describe(device).precision == "bf16" else None
     result = fit(model, optimizer, scheduler, data, batch_size=batch_size, epochs=MAX_EPOCHS,
                  autocast_dtype=autocast, target_accuracy=TARGET)
     reached = [(epoch, acc) for epoch, _, acc in result.history if acc >= TARGET]
@@ -150,7 +149,7 @@ def main() -> None:
         article_rates.append(article_same_math(synthetic, device))
         leap_rates.append(leap_same_math(synthetic_on_device, device)[0])
     article_rate, leap_rate = statistics.median(article_rates), statistics.median(leap_rates)
-    flops = training_flops_per_sample(layers_of("mlp"))
+    flops = training_flops_per_sample(layers_of("mlp"))   # 409,088: checked against FlopCounterMode in the tests
     print(f"1. same math (batch 64, Adam 1e-3, fp32, 60k samples): article {article_rate:,.0f} samples/s, "
           f"leap-train {leap_rate:,.0f} samples/s, ratio {leap_rate / article_rate:.2f}x "
           f"({leap_rate * flops / 1e12:.3f} TFLOP/s)")
@@ -172,11 +171,12 @@ def main() -> None:
     # Achieved FLOP/s and MFU of leap-train's best settings, over a longer run on synthetic data.
     torch.manual_seed(0)
     model = build_mlp("mlp").to(device)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    accelerator = describe(device)   # precision and peak as leap-train itself picks them
+    autocast = torch.bfloat16 if accelerator.precision == "bf16" else None
     best_run = fit(model, make_optimizer(model, best["lr"]), None, synthetic_on_device,
                    batch_size=best["batch_size"], epochs=2, autocast_dtype=autocast)
     achieved = best_run.samples_per_second * flops
-    peak = peak_flops(name, "bf16" if device.type == "cuda" else "fp32") if device.type == "cuda" else None
+    peak = accelerator.peak if device.type == "cuda" else None
     mfu = achieved / peak if peak else None
     print(f"3. leap-train at batch {best['batch_size']}: {best_run.samples_per_second:,.0f} samples/s, "
           f"{achieved / 1e12:.3f} TFLOP/s, MFU {'n/a (no peak for this device)' if mfu is None else f'{mfu:.2%}'}")
@@ -184,6 +184,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": name, "torch": torch.__version__, "repeats": args.repeats,
+                       "flops_per_sample": flops,
                        "same_math": {"article_samples_per_second": article_rate,
                                      "leap_samples_per_second": leap_rate, "ratio": leap_rate / article_rate,
                                      "article_all": article_rates, "leap_all": leap_rates},

@@ -469,6 +469,8 @@ def test_the_distillation_phase_is_shown_from_the_trainers_log(tmp_path):
         == "student alone (2/3)"
     assert distillation_phase("[leap-train tensorflow] student-alone: 31 steps, test accuracy 0.8\n") \
         == "distilled student (3/3)"
+    assert distillation_phase("[leap-train tensorflow] student-distilled: 31 steps, test accuracy 0.9\n") \
+        == "distilled student (3/3)"   # the phase names of both frameworks (orchestrator.DISTILLATION_PHASES)
 
     log = tmp_path / "worker-0.log"
     log.write_text(torch_log)

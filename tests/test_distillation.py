@@ -118,3 +118,20 @@ def test_leap_run_summary_shows_the_three_accuracies_and_the_gain():
     for expected in ("95.60%", "student alone accuracy", "94.70%", "teacher accuracy", "97.60%",
                      "distillation gain", "+0.9 points"):
         assert expected in text, text
+
+
+def test_a_resumed_keras_teacher_draws_the_shifts_an_uninterrupted_one_would():
+    """The shift layer's random state is not in the weights file: resume puts it back by step count."""
+    import numpy as np
+
+    from leap_trainer.tf_models import RandomShift, resume_random_shifts
+    from leap_trainer.tf_models import build_mlp, build_shifted
+    x = np.random.default_rng(2).standard_normal((8, 784)).astype(np.float32)
+    uninterrupted = build_shifted(build_mlp((784, 16, 10)), 2, fill=-9.0, seed=5)
+    shift = next(layer for layer in uninterrupted._flatten_layers() if isinstance(layer, RandomShift))
+    draws = [np.asarray(shift(x, training=True)) for _ in range(4)]
+    resumed = build_shifted(build_mlp((784, 16, 10)), 2, fill=-9.0, seed=5)
+    resume_random_shifts(resumed, 3)   # 3 steps were trained before the restart
+    again = next(layer for layer in resumed._flatten_layers() if isinstance(layer, RandomShift))
+    assert np.array_equal(np.asarray(again(x, training=True)), draws[3])
+    assert not np.array_equal(draws[3], draws[0])

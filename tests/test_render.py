@@ -208,6 +208,7 @@ def test_tpu_multihost_slice():
     hosts = [f"tpu-multihost-a1-{i}.tpu-multihost.default.svc.cluster.local" for i in range(4)]
     assert env[contract.ENV_TPU_WORKER_HOSTNAMES] == ",".join(hosts)
     assert env[contract.ENV_TPU_WORKER_ID] == env[contract.ENV_WORKER_INDEX]
+    assert env[contract.ENV_TPU_TYPE] == "tpu-v5-lite-podslice"  # leap-train's peak FLOP/s reads it
     strict_validate(job)
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from leap_trainer import contract
+from leap_trainer.orchestrator import SUMMARY_KEYS
+from leap_trainer.tf_checkpoint import STATE_FILE, PhaseCheckpoints
 from leap_trainer.tf_strategy import (
     DEFAULT,
     MIRRORED,
@@ -165,6 +167,18 @@ def test_keras_classifier_reaches_90_percent_on_shipped_digits(tmp_path: Path):
     assert summary["samples_per_second"] > 0 and summary["flops_per_second"] > 0
     assert summary["device"] and summary["resumed_from_step"] == 0
     assert (tmp_path / "ckpt" / "keras" / "final.keras").is_file()
+    assert set(summary) == set(SUMMARY_KEYS)  # the one schema of both frameworks
+    assert summary["flops_per_sample"] == 409_088 and summary["precision"] == "fp32" and summary["mfu"] is None
+
+    # Run again, finished: it says so and leaves the summary as it was.
+    written = (tmp_path / "summary.json").read_bytes()
+    command = [LEAP_TRAIN, "--framework", "tensorflow", "--workload", "classifier", "--model", "mlp",
+               "--dataset", "digits", "--epochs", "10", "--batch-size", "64", "--lr", "0.001",
+               "--checkpoint-dir", str(tmp_path / "ckpt"), "--summary", str(tmp_path / "summary.json")]
+    again = subprocess.run(command, env=leap_train_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stderr
+    assert (tmp_path / "summary.json").read_bytes() == written
 
 
 @pytest.mark.slow
@@ -178,27 +192,86 @@ def test_keras_batch_larger_than_the_dataset_is_refused_naming_the_flag(tmp_path
 
 
 @pytest.mark.slow
-def test_keras_run_resumes_mid_epoch_from_its_latest_checkpoint(tmp_path: Path):
+def test_keras_run_resumes_mid_epoch_exactly(tmp_path: Path):
     """A restarted worker continues from the newest checkpoint (what the operator's gang restart
-    relies on), mid-epoch included, instead of starting over."""
+    relies on), mid-epoch included, with exactly the batches the interrupted epoch had not trained:
+    the resumed run ends with bitwise the weights and optimizer state of the uninterrupted one."""
+    import h5py
+    import numpy as np
+
     checkpoints = tmp_path / "ckpt"
     flags = ["--workload", "classifier", "--model", "mlp", "--dataset", "digits", "--batch-size", "32",
-             "--lr", "0.001", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "40"]
+             "--lr", "0.001", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "40", "--epochs", "2"]
     steps_per_epoch = 4000 // 32  # 125; Keras reports every 50 steps, so saves land at 50, 100, 125, 175, ...
-    first = train(tmp_path, *flags, "--epochs", "2", name="first")
+    first = train(tmp_path, *flags, name="first")
     assert first["steps"] == 2 * steps_per_epoch and first["resumed_from_step"] == 0
     phase = checkpoints / "keras" / "classifier"
     assert (phase / "ckpt-00000225.weights.h5").is_file(), sorted(p.name for p in phase.iterdir())
+    uninterrupted = tmp_path / "uninterrupted.weights.h5"
+    uninterrupted.write_bytes((phase / "ckpt-00000250.weights.h5").read_bytes())
 
-    # Make step 225 (epoch 2, 100 of its 125 steps done) the latest, as if the pod had been
-    # killed right after saving it; then restart with a longer run.
+    # Make step 225 (epoch 2, 100 of its 125 steps done) the latest and the run unfinished, as if
+    # the pod had been killed right after saving it; then restart with the same flags.
     state = json.loads((phase / "state.json").read_text())
     state.update(step=225, epoch=1, done=False, weights="ckpt-00000225.weights.h5")
     (phase / "state.json").write_text(json.dumps(state))
-    second = train(tmp_path, *flags, "--epochs", "3", name="second")
+    record = json.loads((checkpoints / "run.json").read_text())
+    (checkpoints / "run.json").write_text(json.dumps({**record, "complete": False}))
+    second = train(tmp_path, *flags, name="second")
     assert second["resumed_from_step"] == 225
-    assert second["steps"] == 3 * steps_per_epoch  # the 25 missing steps of epoch 2, then epoch 3
-    assert second["test_accuracy"] >= 0.85
+    assert second["steps"] == 2 * steps_per_epoch  # the 25 missing steps of epoch 2, no more
+    with h5py.File(uninterrupted) as expected, h5py.File(phase / "ckpt-00000250.weights.h5") as resumed:
+        names: list[str] = []
+        expected.visit(lambda name: names.append(name) if isinstance(expected[name], h5py.Dataset) else None)
+        assert any(name.startswith("optimizer") for name in names)
+        for name in names:
+            assert np.array_equal(expected[name][()], resumed[name][()]), name
+    assert second["test_accuracy"] == first["test_accuracy"]
+
+    # Other settings in the same directory are refused, naming the flag; --start-over trains afresh.
+    command = [LEAP_TRAIN, "--framework", "tensorflow", *flags[:-2], "--epochs", "3"]
+    refused = subprocess.run(command, env=leap_train_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == contract.EXIT_CONFIG and "--epochs: checkpoint 2, now 3" in refused.stderr, \
+        refused.stderr[-2000:]
+    assert f"{contract.CONFIG_ERROR_PREFIX}--checkpoint-dir" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+
+def test_keras_final_save_never_rewrites_the_file_state_json_names(tmp_path: Path):
+    class FakeModel:
+        def __init__(self):
+            self.written: list[str] = []
+
+        def save_weights(self, path):
+            self.written.append(Path(path).name)
+            Path(path).write_text(f"weights {len(self.written)}")
+
+    model = FakeModel()
+    checkpoints = PhaseCheckpoints(tmp_path, "classifier")
+    checkpoints.save(model, step=125, epoch=1)
+    named = checkpoints.directory / "ckpt-00000125.weights.h5"
+    assert named.read_text() == "weights 1" and model.written == [".tmp-ckpt-00000125.weights.h5"]
+    # The final save of the same step only marks the phase done: the named file is not opened again.
+    state = checkpoints.save(model, step=125, epoch=1, done=True)
+    assert state.done and len(model.written) == 1 and named.read_text() == "weights 1"
+    assert json.loads((checkpoints.directory / STATE_FILE).read_text())["weights"] == named.name
+    checkpoints.save(model, step=250, epoch=2, done=True)
+    assert model.written[-1] == ".tmp-ckpt-00000250.weights.h5" and not list(checkpoints.directory.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_keras_metrics_port_in_use_is_one_clear_line(tmp_path: Path):
+    with socket.socket() as blocker:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        command = [LEAP_TRAIN, "--framework", "tensorflow", "--dataset", "digits", "--epochs", "1",
+                   "--metrics-port", str(port)]
+        result = subprocess.run(command, env=leap_train_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == contract.EXIT_CONFIG
+    errors = [line for line in result.stderr.splitlines() if line.startswith("leap-train:")]
+    assert len(errors) == 1 and f"port {port}" in errors[0] and "--metrics-port" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
@@ -211,6 +284,9 @@ def test_keras_distillation_reports_both_student_accuracies(tmp_path: Path):
         assert 0.5 < summary[key] <= 1.0, (key, summary)
     # "steps" are the distilled student's (as on the PyTorch path); the student alone trained as many.
     assert summary["steps"] == 2 * (4000 // 128)
+    assert set(summary) == set(SUMMARY_KEYS)
+    assert set(summary["phases"]) == {"teacher", "student-alone", "student-distilled"}
+    assert summary["phases"]["teacher"]["flops_per_sample"] == 2_407_424 and summary["flops_per_sample"] == 409_088
     assert summary["temperature"] == 4 and summary["alpha"] == 0.7
     assert summary["teacher_epochs"] == 6  # 3x the student's by default
     assert summary["distillation_gain"] == pytest.approx(summary["test_accuracy"] - summary["student_alone_accuracy"])
@@ -245,6 +321,10 @@ def test_keras_metrics_endpoint_serves_tensorflow_series(tmp_path: Path):
                      contract.M_PROGRESS, contract.M_LOSS):
             assert re.search(rf'^{name}{{[^}}]*framework="tensorflow"[^}}]*}} ', text, re.M), name
         assert 'run="keras-metrics"' in text
+        # Every step is in the step-time histogram (each of a 50-step group at the group's mean).
+        count = re.search(rf'^{contract.M_STEP_SECONDS}_count{{[^}}]*}} (\S+)$', text, re.M)
+        steps = re.search(rf'^{contract.M_STEPS}{{[^}}]*}} (\S+)$', text, re.M)
+        assert count and steps and float(count.group(1)) == float(steps.group(1)) > 0
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from leap_trainer import contract
+from leap_trainer.orchestrator import SUMMARY_KEYS
 from leap_trainer.torch_train import epoch_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,9 +96,22 @@ def test_quick_start_classifier_reaches_90_percent_on_digits(tmp_path):
     assert summary["samples_per_second"] > 0 and summary["flops_per_second"] > 0
     assert summary["mfu"] is None  # a CPU has no peak in the table: absent, not invented
     assert summary["resumed_from_step"] == 0
+    assert set(summary) == set(SUMMARY_KEYS)  # the one schema of both frameworks
+    assert summary["flops_per_sample"] == 409_088  # FlopCounterMode's count (tests/test_trainer_numbers.py)
+    assert summary["flops_per_second"] == pytest.approx(summary["samples_per_second"] * 409_088)
     # The final model is a usable state_dict of the 784-128-10 MLP.
     state = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert state["0.weight"].shape == (128, 784) and state["2.weight"].shape == (10, 128)
+
+    # Run again, finished: it says so and leaves the summary as it was (no 0 samples/s over it).
+    written = (tmp_path / "summary.json").read_bytes()
+    again = run_cli("--framework", "pytorch", "--workload", "classifier", "--model", workload["model"],
+                    "--dataset", workload["dataset"], "--epochs", str(workload["epochs"]),
+                    "--batch-size", str(workload["batchSize"]), "--lr", str(workload["learningRate"]),
+                    "--checkpoint-dir", str(tmp_path / "ckpt"), "--summary", str(tmp_path / "summary.json"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already complete" in again.stdout and "--start-over" in again.stdout
+    assert (tmp_path / "summary.json").read_bytes() == written
 
 
 def test_a_users_npz_dataset_trains_with_its_own_train_test_split(tmp_path):
@@ -128,13 +142,31 @@ def test_distillation_reports_teacher_student_and_student_alone(tmp_path):
     assert summary["teacher_epochs"] == 9  # 3x the student's by default
     assert summary["distillation_gain"] == pytest.approx(summary["test_accuracy"] - summary["student_alone_accuracy"])
     assert (ckpt / "teacher.pt").exists()
-    # A restart (configured like a pod: the directory from LEAP_CHECKPOINT_DIR) reuses the trained
-    # teacher instead of training it again, and the summary defaults to <checkpoint dir>/summary.json.
-    rerun = run_cli("--workload", "distillation", "--epochs", "3",
-                    env=clean_env(**{contract.ENV_CHECKPOINT_DIR: str(ckpt)}))
+    assert set(summary) == set(SUMMARY_KEYS)
+    assert set(summary["phases"]) == {"teacher", "student-alone", "student-distilled"}
+    assert summary["phases"]["teacher"]["flops_per_sample"] == 2_407_424  # mlp-large trains
+    assert summary["flops_per_sample"] == 409_088                        # the student, on precomputed soft targets
+    # The soft targets: one teacher forward pass per shifted view (9) of each of the 4,000 training images.
+    assert summary["teacher_logits_flops"] == 9 * 2 * (784 * 512 + 512 * 256 + 256 * 10) * 4000
+    # A restart after a kill (run.json not marked complete), configured like a pod (the directory from
+    # LEAP_CHECKPOINT_DIR), reuses the trained teacher instead of training it again, and the summary
+    # defaults to <checkpoint dir>/summary.json.
+    record = json.loads((ckpt / "run.json").read_text())
+    (ckpt / "run.json").write_text(json.dumps({**record, "complete": False}))
+    same = ["--workload", "distillation", "--epochs", "3", "--lr", "0.001", "--alpha", "0.7"]   # the first run's settings
+    rerun = run_cli(*same, env=clean_env(**{contract.ENV_CHECKPOINT_DIR: str(ckpt)}))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "teacher loaded" in rerun.stdout
     assert json.loads((ckpt / "summary.json").read_text())["teacher_accuracy"] == summary["teacher_accuracy"]
+    # The same directory with other distillation settings is refused, naming each changed flag.
+    changed = run_cli(*same[:-2], "--alpha", "0.5", "--temperature", "2",
+                      env=clean_env(**{contract.ENV_CHECKPOINT_DIR: str(ckpt)}))
+    assert changed.returncode == contract.EXIT_CONFIG
+    refusals = [line for line in changed.stderr.splitlines() if line.startswith("leap-train:")]
+    assert len(refusals) == 1 and refusals[0].startswith(contract.CONFIG_ERROR_PREFIX), changed.stderr
+    assert "--alpha: checkpoint 0.7, now 0.5" in changed.stderr and "--temperature" in changed.stderr
+    assert "--lr" not in changed.stderr   # only the changed flags are named
+    assert "--start-over" in changed.stderr and "Traceback" not in changed.stderr
 
 
 def test_two_process_ddp_trains_with_world_size_2_and_both_ranks_export_metrics(tmp_path):
@@ -164,10 +196,21 @@ def test_two_process_ddp_trains_with_world_size_2_and_both_ranks_export_metrics(
         assert f'rank="{rank}"' in text and 'run="ddp-test"' in text
         assert metric_value(text, contract.M_SAMPLES_PER_SECOND) > 0
         assert metric_value(text, contract.M_TOTAL_STEPS) == (40000 // 2 // 64) * 3
+        # Every step this rank took is one observation of its own time in the histogram.
+        assert metric_value(text, contract.M_STEP_SECONDS + "_count") == metric_value(text, contract.M_STEPS)
     summary = json.loads(summary_path.read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 128
     assert summary["steps"] == (40000 // 2 // 64) * 3  # each rank trains half the data per epoch
     assert summary["test_accuracy"] > 0.5  # synthetic data is learnable: well above 10% chance
+
+
+def test_global_batch_size_gives_two_processes_the_steps_of_one(tmp_path):
+    flags = ["--dataset", "synthetic", "--samples", "8000", "--epochs", "1", "--global-batch-size", "128"]
+    one = train(tmp_path, *flags)
+    two = train(tmp_path, *flags, env=clean_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
+    assert (one["world_size"], one["batch_size"], one["global_batch_size"]) == (1, 128, 128)
+    assert (two["world_size"], two["batch_size"], two["global_batch_size"]) == (2, 64, 128)
+    assert one["steps"] == two["steps"] == 8000 // 128
 
 
 def test_launcher_stops_the_other_process_and_fails_when_one_process_fails(tmp_path):
@@ -223,6 +266,19 @@ def test_killed_mid_run_resumes_from_the_saved_step(tmp_path):
     # A checkpoint directory of another run is refused, not silently mixed in.
     other = run_cli(*flags[:-4], "--model", "mlp-large", "--checkpoint-dir", str(ckpt))
     assert other.returncode != 0 and "--checkpoint-dir" in other.stderr
+    assert "--model: checkpoint 'mlp', now 'mlp-large'" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_metrics_port_in_use_is_one_clear_line(tmp_path):
+    with socket.socket() as blocker:
+        blocker.bind(("0.0.0.0", 0))
+        blocker.listen()
+        port = blocker.getsockname()[1]
+        result = run_cli("--dataset", "synthetic", "--samples", "2000", "--epochs", "1", "--metrics-port", str(port),
+                         timeout=120)
+    assert result.returncode == contract.EXIT_CONFIG
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"port {port}" in lines[0] and "--metrics-port" in lines[0], result.stderr
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -60,6 +60,10 @@ def progress_from_metrics_text(text: str) -> dict:
     out: dict = {key: FIELDS[key][1](value) for key, (_, value) in found.items()}
     if ratio is not None:
         out["percent"] = round(min(max(ratio[1], 0.0), 1.0) * 100, 1)
+        if out.get("totalSteps"):
+            # The steps counter counts this process's steps (0 after a resume); the run's step is
+            # the progress ratio of its planned steps.
+            out["step"] = int(round(min(max(ratio[1], 0.0), 1.0) * out["totalSteps"]))
     elif out.get("totalSteps"):
         out["percent"] = round(min(out.get("step", 0) / out["totalSteps"], 1.0) * 100, 1)
     for key in ("samplesPerSecond", "flopsPerSecond", "etaSeconds"):

@@ -158,6 +158,8 @@ def render_env(run: dict, attempt: int, config: OperatorConfig) -> list[dict]:
         env += [
             _index_env(contract.ENV_TPU_WORKER_ID),
             _env(contract.ENV_TPU_WORKER_HOSTNAMES, ",".join(hosts)),
+            # The TPU generation, for leap-train's peak FLOP/s (MFU) where GKE sets no TPU_ACCELERATOR_TYPE.
+            _env(contract.ENV_TPU_TYPE, spec["accelerator"]["tpu"]["type"]),
         ]
     env += spec.get("env") or []
     return env

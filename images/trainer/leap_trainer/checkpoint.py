@@ -42,24 +42,13 @@ def load(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def training_state(*, model, optimizer, scheduler, step: int, epoch: int, config: dict) -> dict:
+def training_state(*, model, optimizer, scheduler, step: int, epoch: int) -> dict:
+    """What resume needs. The run's config fingerprint lives in D/run.json (orchestrator.py)."""
     return {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "step": step,
         "epoch": epoch,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        "config": config,
+        "rng": {"torch": torch.get_rng_state()},
     }
-
-
-def check_compatible(state: dict, config: dict, path: Path) -> None:
-    """Refuse to resume a different run's checkpoint instead of silently mixing them."""
-    saved = state.get("config", {})
-    different = {key: (saved.get(key), value) for key, value in config.items() if saved.get(key) != value}
-    if different:
-        details = ", ".join(f"{key}: checkpoint {old!r} vs now {new!r}" for key, (old, new) in different.items())
-        raise SystemExit(f"leap-train: {path} was written by a different run ({details}); "
-                         f"use another --checkpoint-dir or delete {path}")

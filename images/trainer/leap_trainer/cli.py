@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training samples (synthetic: how many to generate; digits: a prefix)")
     p.add_argument("--epochs", type=_positive(int), default=DEFAULT_EPOCHS)
     p.add_argument("--batch-size", type=_positive(int), default=64, help="per process; global = this x world size")
+    p.add_argument("--global-batch-size", type=_positive(int), default=None,
+                   help="samples per step across all processes (instead of --batch-size): each takes an equal share")
     p.add_argument("--lr", type=_positive(float), default=DEFAULT_LR,
                    help="peak learning rate (PyTorch: 5%% linear warmup, then cosine decay)")
     p.add_argument("--teacher", choices=sorted(MODEL_LAYERS), default=DISTILLATION_TEACHER, help="distillation teacher")
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=_non_negative_int, default=None,
                    help=f"serve Prometheus metrics here (local rank r uses port + r; 0: off); "
                         f"default: ${c.ENV_METRICS_PORT}")
+    p.add_argument("--start-over", action="store_true",
+                   help="discard the checkpoints in --checkpoint-dir (of another or a finished run) and train afresh")
     p.add_argument("--summary", default=env.get(c.ENV_SUMMARY) or None,
                    help=f"write the JSON summary here; default: ${c.ENV_SUMMARY} or CHECKPOINT_DIR/summary.json")
     p.add_argument("--compile", action="store_true", help="PyTorch: torch.compile the model")

@@ -19,6 +19,7 @@ ENV_CHECKPOINT_EVERY = "LEAP_CHECKPOINT_EVERY_STEPS"
 ENV_WORKER_INDEX = "LEAP_WORKER_INDEX"    # the Job completion index of this pod (downward API)
 ENV_WORKER_HOSTS = "LEAP_WORKER_HOSTS"    # comma-separated host:port of every worker, index order
 ENV_SUMMARY = "LEAP_SUMMARY_PATH"         # where the final JSON summary goes
+ENV_TPU_TYPE = "LEAP_TPU_TYPE"            # GKE TPU type (node label), for the peak FLOP/s when GKE sets no TPU_ACCELERATOR_TYPE
 
 # --- torchrun conventions (PyTorch) ---------------------------------------------------------
 ENV_MASTER_ADDR = "MASTER_ADDR"
@@ -75,15 +76,15 @@ M_ACCEL_MEMORY = "leap_accelerator_memory_bytes"    # gauge
 
 # Description of each metric: used for HELP text and the metrics reference in the docs.
 TRAIN_METRICS: dict[str, tuple[str, str]] = {
-    M_SAMPLES: ("counter", "Training samples processed by this rank."),
-    M_STEPS: ("counter", "Optimizer steps taken by this rank."),
-    M_STEP_SECONDS: ("histogram", "Wall time of one optimizer step, averaged over each reporting window."),
+    M_SAMPLES: ("counter", "Training samples processed by this process since it started (a resumed run starts at 0)."),
+    M_STEPS: ("counter", "Optimizer steps taken by this process since it started (a resumed run starts at 0)."),
+    M_STEP_SECONDS: ("histogram", "Wall time of each optimizer step (Keras: each step of a steps_per_execution group at the group's mean)."),
     M_SAMPLES_PER_SECOND: ("gauge", "Training throughput of this rank over the last reporting window."),
-    M_FLOPS_PER_SECOND: ("gauge", "Achieved model FLOP/s of this rank (forward + backward, 6 x params x samples for dense layers)."),
-    M_MFU: ("gauge", "Model FLOPs utilisation: achieved FLOP/s over the device's peak; absent on devices without a known peak."),
+    M_FLOPS_PER_SECOND: ("gauge", "Achieved model FLOP/s of this rank: samples/s x the model's training FLOPs per sample (matmuls, no recomputation)."),
+    M_MFU: ("gauge", "Model FLOPs utilisation: achieved FLOP/s over the peak of this rank's devices at the precision used; absent when unknown."),
     M_LOSS: ("gauge", "Training loss over the last reporting window."),
     M_ACCURACY: ("gauge", "Accuracy of the last evaluation on held-out data."),
-    M_PROGRESS: ("gauge", "Fraction of planned steps done, 0 to 1."),
+    M_PROGRESS: ("gauge", "Fraction of the run's planned steps done, 0 to 1 (resumed steps included)."),
     M_ETA: ("gauge", "Estimated seconds until the run's planned steps are done."),
     M_EPOCH: ("gauge", "Current epoch, 1-based."),
     M_TOTAL_STEPS: ("gauge", "Optimizer steps planned for the whole run."),

@@ -43,6 +43,16 @@ def softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def soft_target_shift(width: int, pixels: int = SOFT_TARGET_SHIFT_PIXELS) -> int:
+    """The shift the soft targets average over for inputs `width` wide: none unless they are images."""
+    return pixels if width == IMAGE_SIDE * IMAGE_SIDE else 0
+
+
+def soft_target_views(width: int, pixels: int = SOFT_TARGET_SHIFT_PIXELS) -> int:
+    """Teacher forward passes per training sample for the soft targets (9 for 28 x 28 images)."""
+    return (2 * soft_target_shift(width, pixels) + 1) ** 2
+
+
 def soft_targets(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, temperature: float,
                  pixels: int = SOFT_TARGET_SHIFT_PIXELS) -> np.ndarray:
     """The teacher's softmax(logits / T) averaged over the (2 * pixels + 1)^2 shifts of each image.
@@ -50,8 +60,7 @@ def soft_targets(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, tem
     `predict` maps a float32 batch of flattened images to logits (the frozen teacher, eval mode).
     Inputs that are not IMAGE_SIDE^2 wide (no image to shift) get the plain softened outputs.
     """
-    if x.shape[1] != IMAGE_SIDE * IMAGE_SIDE:
-        pixels = 0
+    pixels = soft_target_shift(x.shape[1], pixels)
     fill = background(x)
     total = np.zeros((len(x), 0), dtype=np.float64)
     views = 0

@@ -11,18 +11,31 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import contract as c
 
-# Step time buckets: from CUDA-graph-fast steps to slow multi-host steps.
-STEP_SECONDS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+class PortInUse(Exception):
+    """The metrics port is taken (by another process, or another local rank's port + r)."""
+
+    def __init__(self, port: int, error: OSError):
+        super().__init__(f"port {port}: {error.strerror or error}")
+        self.port = port
+
+
+# Step time buckets, 20 us (a small model on a GPU) to 60 s (a slow multi-host step).
+STEP_SECONDS_BUCKETS = (0.00002, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                        0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class TrainingMetrics:
+    """Counters count this process's work since it started (0 after a resume, as Prometheus
+    counters do on a restart); progress, ETA and total steps are the run's (resumed steps included)."""
+
     def __init__(self, *, run: str, namespace: str, rank: int, framework: str, accelerator: str,
                  port: int | None, flops_per_sample: float, peak_flops: float | None,
                  total_steps: int, initial_step: int = 0, address: str = "0.0.0.0"):
@@ -31,10 +44,11 @@ class TrainingMetrics:
         self.port = port
         self.address = address
         self.flops_per_sample = flops_per_sample
-        self.peak_flops = peak_flops
-        self.total_steps = total_steps
-        self.step = initial_step          # absolute optimizer step (continues after a resume)
-        self.samples = 0.0
+        self.peak_flops = peak_flops      # of all the devices this process drives
+        self.total_steps = total_steps    # the run's planned steps
+        self.initial_step = initial_step  # the run's steps done before this process started
+        self.steps = 0                    # optimizer steps this process took
+        self.samples = 0.0                # samples this process trained on
         self.samples_per_second = 0.0
         self.loss: float | None = None
         self.accuracy: float | None = None
@@ -48,28 +62,46 @@ class TrainingMetrics:
         self.registry.register(self)
         self._server = None
 
+    @property
+    def run_step(self) -> int:
+        """The run's step: resumed steps plus this process's."""
+        return self.initial_step + self.steps
+
     # --- called by the training loop ------------------------------------------------------
     def start_server(self) -> None:
+        """Serve /metrics on the port (if any). A port in use raises PortInUse, naming the port."""
         if self.port:
-            self._server, _ = start_http_server(self.port, addr=self.address, registry=self.registry)
+            try:
+                self._server, _ = start_http_server(self.port, addr=self.address, registry=self.registry)
+            except OSError as error:
+                raise PortInUse(self.port, error) from None
 
-    def report(self, *, steps: int, samples: int, seconds: float, loss: float | None = None) -> None:
-        """Fold in a window of `steps` optimizer steps that took `seconds` in all."""
+    def report(self, *, steps: int, samples: int, seconds: float, loss: float | None = None,
+               step_seconds: Sequence[float] | None = None) -> None:
+        """Fold in a window of `steps` optimizer steps that took `seconds` in all.
+
+        step_seconds: each step's own time, for the histogram; without it every step of the
+        window is counted at the window's mean (only where no finer timing exists).
+        """
         if steps <= 0:
             return
         mean_step = seconds / steps
         with self._lock:
-            self.step += steps
+            self.steps += steps
             self.samples += samples
             if seconds > 0:
                 self.samples_per_second = samples / seconds
-                remaining = max(self.total_steps - self.step, 0)
+                remaining = max(self.total_steps - self.run_step, 0)
                 self.eta_seconds = remaining * mean_step
             if loss is not None:
                 self.loss = float(loss)
-            # Each step of the window is counted at the window's mean step time.
-            self._bucket_counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, mean_step)] += steps
-            self._step_seconds_sum += seconds
+            if step_seconds is not None and len(step_seconds) == steps:
+                for one in step_seconds:
+                    self._bucket_counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, one)] += 1
+                self._step_seconds_sum += float(sum(step_seconds))
+            else:
+                self._bucket_counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, mean_step)] += steps
+                self._step_seconds_sum += seconds
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -83,7 +115,7 @@ class TrainingMetrics:
     def finish(self) -> None:
         """The run is done: progress 1, nothing left to wait for."""
         with self._lock:
-            self.step = max(self.step, self.total_steps)
+            self.initial_step = max(self.initial_step, self.total_steps - self.steps)
             self.eta_seconds = 0.0
 
     def close(self) -> None:
@@ -117,7 +149,7 @@ class TrainingMetrics:
 
         with self._lock:
             yield counter(c.M_SAMPLES, self.samples)
-            yield counter(c.M_STEPS, self.step)
+            yield counter(c.M_STEPS, self.steps)
             cumulative, buckets = 0, []
             for bound, count in zip((*map(str, STEP_SECONDS_BUCKETS), "+Inf"), self._bucket_counts):
                 cumulative += count
@@ -133,7 +165,7 @@ class TrainingMetrics:
                 yield gauge(c.M_LOSS, self.loss)
             if self.accuracy is not None:
                 yield gauge(c.M_ACCURACY, self.accuracy)
-            progress = min(self.step / self.total_steps, 1.0) if self.total_steps else 0.0
+            progress = min(self.run_step / self.total_steps, 1.0) if self.total_steps else 0.0
             yield gauge(c.M_PROGRESS, progress)
             if self.eta_seconds is not None:
                 yield gauge(c.M_ETA, self.eta_seconds)

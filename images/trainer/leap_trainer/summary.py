@@ -37,9 +37,10 @@ def human_line(summary: dict[str, Any]) -> str:
             parts.append(f"distillation gain {summary['distillation_gain'] * 100:+.1f} points")
     parts.append(f"{summary['samples_per_second']:,.0f} samples/s")
     parts.append(f"{summary['flops_per_second'] / 1e9:,.2f} GFLOP/s")
-    if summary.get("mfu") is not None:
-        parts.append(f"MFU {summary['mfu'] * 100:.1f}%")
-    parts.append(f"{summary['steps']} steps in {summary['wall_seconds']:.1f} s")
+    parts.append(f"MFU {summary['mfu'] * 100:.1f}% ({summary['precision']})" if summary.get("mfu") is not None
+                 else "MFU unknown (no peak for this device)")
+    parts.append(f"{summary['steps']} steps of {summary['global_batch_size']} samples "
+                 f"({summary['batch_size']} x {summary['world_size']}) in {summary['wall_seconds']:.1f} s")
     parts.append(f"{summary['world_size']} process(es) on {summary['device']}")
     if summary.get("resumed_from_step"):
         parts.append(f"resumed from step {summary['resumed_from_step']}")

@@ -47,7 +47,10 @@ def optimizer_steps(model: keras.Model) -> int:
 class MetricsReporter(keras.callbacks.Callback):
     """Feeds leap_trainer.metrics.TrainingMetrics from fit(): at most every `interval` seconds
     (and at each epoch end), with the steps, samples and time accumulated since the last report.
-    Between reports a batch end costs one clock read; the step counter is read only to report."""
+
+    Step times: Keras calls on_train_batch_end once per steps_per_execution group, with the index
+    of the group's last step, so each group's steps are recorded at the group's mean time (one
+    clock read per group, no device sync). The step counter is read only to report."""
 
     def __init__(self, metrics, clock: PhaseClock, *, interval: float = 1.0, memory_device: str | None = None):
         super().__init__()
@@ -57,24 +60,34 @@ class MetricsReporter(keras.callbacks.Callback):
         self.memory_device = memory_device  # "GPU:0" / "TPU:0": report its memory in use; None on CPU
         self._last_time = 0.0
         self._last_steps = 0
+        self._group_end = 0.0          # when the last batch group ended
+        self._last_batch = -1          # index of the last step of the last group, within the epoch
+        self._step_seconds: list[float] = []
 
     def on_train_begin(self, logs=None):
         self.clock.steps = optimizer_steps(self.model)
         self._last_steps = self.clock.steps
-        self._last_time = time.perf_counter()
+        self._last_time = self._group_end = time.perf_counter()
+        self._step_seconds = []
         if self.clock.begin_step is None:
             self.clock.begin_step, self.clock.begin_time = self.clock.steps, self._last_time
 
     def on_epoch_begin(self, epoch, logs=None):
         self.metrics.set_epoch(epoch + 1)
+        self._last_batch = -1
 
     def on_train_batch_end(self, batch, logs=None):
         now = time.perf_counter()
+        group = batch - self._last_batch
+        if group > 0:
+            self._step_seconds += [(now - self._group_end) / group] * group
+        self._last_batch, self._group_end = batch, now
         if self.clock.warm_step is None:
             # The first batch group includes tracing and compilation: start the throughput clock after it.
             self.clock.steps = optimizer_steps(self.model)
             self.clock.warm_step, self.clock.warm_time = self.clock.steps, now
             self._last_steps, self._last_time = self.clock.steps, now
+            self._step_seconds = []   # tracing, not a step: the metrics never saw this group
         elif now - self._last_time >= self.interval:
             self.clock.steps = optimizer_steps(self.model)
             self._report(now, logs)
@@ -95,7 +108,9 @@ class MetricsReporter(keras.callbacks.Callback):
         loss = float(logs["loss"]) if logs and "loss" in logs else None
         self.metrics.report(
             steps=steps, samples=steps * self.clock.worker_batch, seconds=now - self._last_time, loss=loss,
+            step_seconds=self._step_seconds,
         )
+        self._step_seconds = []
         self._last_steps, self._last_time = self.clock.steps, now
         if self.memory_device:
             self._report_memory()
@@ -110,7 +125,8 @@ class MetricsReporter(keras.callbacks.Callback):
 
 
 class CheckpointSaver(keras.callbacks.Callback):
-    """Saves the phase about every `every_steps` optimizer steps and at every epoch end.
+    """Saves the phase about every `every_steps` optimizer steps and at every epoch end (with
+    every_steps 0: neither; the phase's final save is the only one, as on PyTorch).
 
     Keras' batch index (the last step of each batch group, within the epoch) tells when a save
     is due, so the step counter is read only when saving. Only the chief worker writes.
@@ -136,6 +152,8 @@ class CheckpointSaver(keras.callbacks.Callback):
             self._save(optimizer_steps(self.model))
 
     def on_epoch_end(self, epoch, logs=None):
+        if not self.every_steps:
+            return   # --checkpoint-every 0: only at the end of the phase, as on PyTorch
         steps = optimizer_steps(self.model)
         if steps != self._last_saved:
             self._save(steps)

@@ -6,8 +6,10 @@ Layout under the run's checkpoint directory (a volume in the cluster):
                                                    variables and its iteration counter
     <dir>/keras/<phase>/state.json                 {"step": 500, "epoch": 8, "done": false, ...}
 
-state.json is written last and atomically (rename), so a pod killed mid-save leaves the
-previous checkpoint as the latest one. The two newest weight files are kept.
+Weights go to a temporary file that is renamed into place, and state.json is written last and
+atomically (rename), so a pod killed mid-save leaves the previous checkpoint as the latest one.
+The file state.json names is never written again (saving the same step only updates state.json)
+nor pruned. The two newest weight files are kept.
 """
 
 from __future__ import annotations
@@ -54,13 +56,23 @@ class PhaseCheckpoints:
     def save(self, model, *, step: int, epoch: int, done: bool = False) -> CheckpointState:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"ckpt-{step:08d}.weights.h5"
-        model.save_weights(str(self.directory / name))
+        if name != self._pointed_name():
+            temporary = self.directory / f".tmp-{name}"   # Keras wants the .weights.h5 ending
+            model.save_weights(str(temporary))
+            os.replace(temporary, self.directory / name)
+        # else: this step's weights are what state.json already names: never rewrite them.
         state = CheckpointState(step=step, epoch=epoch, done=done, weights=name, saved_at=time.time())
-        temporary = self.directory / f".{STATE_FILE}.tmp"
-        temporary.write_text(json.dumps(asdict(state)))
-        os.replace(temporary, self.directory / STATE_FILE)
+        temporary_state = self.directory / f".{STATE_FILE}.tmp"
+        temporary_state.write_text(json.dumps(asdict(state)))
+        os.replace(temporary_state, self.directory / STATE_FILE)
         self._prune(keep_name=name)
         return state
+
+    def _pointed_name(self) -> str | None:
+        try:
+            return json.loads((self.directory / STATE_FILE).read_text()).get("weights")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def restore(self, model) -> CheckpointState | None:
         """Load the latest checkpoint into `model` (built and compiled); None when there is none."""

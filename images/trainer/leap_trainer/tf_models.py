@@ -6,6 +6,7 @@ Layer sizes come from leap_trainer.specs.MODEL_LAYERS, shared with the PyTorch p
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import keras
@@ -21,6 +22,29 @@ def build_mlp(layers: Sequence[int], name: str = "mlp") -> keras.Model:
         hidden = keras.layers.Dense(width, activation="relu", name=f"hidden{index}")(hidden)
     logits = keras.layers.Dense(layers[-1], name="logits")(hidden)
     return keras.Model(inputs, logits, name=name)
+
+
+@keras.saving.register_keras_serializable(package="leap")
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """peak x orchestrator.lr_factor(step): linear warmup, then cosine decay to zero, as on PyTorch."""
+
+    def __init__(self, peak: float, total_steps: int):
+        self.peak = float(peak)
+        self.total_steps = int(total_steps)
+
+    def __call__(self, step):
+        from leap_trainer.specs import WARMUP_FRACTION
+
+        ops = keras.ops
+        step = ops.cast(step, "float32")
+        warmup = float(max(1, int(self.total_steps * WARMUP_FRACTION)))
+        rising = (step + 1.0) / warmup
+        progress = ops.minimum((step - warmup) / float(max(self.total_steps - warmup, 1)), 1.0)
+        falling = 0.5 * (1.0 + ops.cos(math.pi * progress))
+        return self.peak * ops.where(step < warmup, rising, falling)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps}
 
 
 class RandomShift(keras.layers.Layer):
@@ -46,6 +70,20 @@ class RandomShift(keras.layers.Layer):
         cols = span[None, None, :] + offsets[:, 1:2, None]
         index = ops.reshape(rows * width + cols, (-1, side * side))
         return ops.cast(ops.take_along_axis(padded, index, axis=1), inputs.dtype)
+
+
+def resume_random_shifts(model: keras.Model, steps: int) -> None:
+    """Put every RandomShift of `model` where `steps` training steps leave it. Its SeedGenerator's
+    state ([seed, draws], one draw per training step) is not in the weights file, so without this a
+    resumed teacher would draw the first steps' shifts again instead of the ones an uninterrupted
+    run draws next."""
+    import numpy as np
+
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, RandomShift):
+            state = layer.seed_generator.state
+            seed = int(np.asarray(state.value)[0])
+            state.assign(np.array([seed, steps], dtype=state.dtype))
 
 
 def build_shifted(net: keras.Model, pixels: int, fill: float, seed: int | None = None) -> keras.Model:

@@ -12,7 +12,6 @@ Why it is faster than the textbook DataLoader loop:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .specs import IMAGE_SIDE, WARMUP_FRACTION  # linear warmup over the first 5% of steps, then cosine decay to 0
+from .orchestrator import lr_factor
+from .specs import IMAGE_SIDE
 
 REPORT_SECONDS = 0.5     # metrics window: cheap enough to be < 1% of step time, fresh enough for dashboards
 
@@ -57,25 +57,15 @@ class FitResult:
 # --- building blocks ---------------------------------------------------------------------------
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    except (RuntimeError, TypeError):  # a device without a fused kernel: foreach is next best
-        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
+    """Adam with fused kernels (one kernel over all parameters; they exist on CPU and CUDA)."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "cosine"):
-    """Warmup + cosine (Leap's default), or constant (the article's, for same-math comparisons)."""
+    """Warmup + cosine (Leap's default, orchestrator.lr_factor), or constant (the article's, for same-math comparisons)."""
     if kind == "constant":
         return None
-    warmup = max(1, int(total_steps * WARMUP_FRACTION))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps))
 
 
 def steps_per_epoch(train_size: int, batch_size: int, world_size: int) -> int:
@@ -88,6 +78,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, _indices: torch.T
 
 def distillation_loss(soft_targets: torch.Tensor, temperature: float, alpha: float):
     """KD loss (Hinton et al.): alpha * T^2 * KL(targets || student_T) + (1 - alpha) * CE.
+
+    F.kl_div(log q, p) is KL(p || q) = sum p * (log p - log q): here p is the target (the teacher's
+    softened distribution) and q the student's, as in Hinton et al. and Keras' KLDivergence.
 
     `soft_targets` are the frozen teacher's probabilities at temperature T for the whole train set
     (leap_trainer.distill.soft_targets), gathered per batch by the same indices as the inputs.
@@ -168,6 +161,48 @@ def epoch_order(size: int, seed: int, epoch: int, device: torch.device) -> torch
     return torch.randperm(size, generator=generator).to(device)
 
 
+class StepTimer:
+    """Each step's wall time without a per-step host sync.
+
+    CPU: the clock at the end of every step. CUDA: an event recorded on the stream at the end of
+    every step (asynchronous, no sync); the events are read once, when the reporting window closes
+    and the loop waits for the device anyway. Times are the stream's, so idle gaps between
+    kernels (a launch-bound step) are part of a step, as they are of its wall time.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list = []
+        self._spare: list = []
+
+    def _mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        """Begin a window (after anything that is not training: evaluation, checkpoint writes)."""
+        self._spare.extend(m for m in self._marks if not isinstance(m, float))
+        self._marks = [self._mark()]
+
+    def step(self) -> None:
+        self._marks.append(self._mark())
+
+    def read(self) -> list[float]:
+        """The window's step times in seconds; starts the next window at the last step's end."""
+        marks = self._marks
+        if self.cuda:
+            marks[-1].synchronize()
+            times = [start.elapsed_time(end) / 1e3 for start, end in zip(marks, marks[1:])]
+            self._spare.extend(marks[:-1])
+        else:
+            times = [end - start for start, end in zip(marks, marks[1:])]
+        self._marks = marks[-1:]
+        return times
+
+
 # --- the loop ----------------------------------------------------------------------------------
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: DeviceData, *,
@@ -196,6 +231,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
     history: list[tuple[int, float, float]] = []
     loss_sum = torch.zeros((), device=device)   # summed on the device: no host sync per step
     window_steps = 0
+    timer = StepTimer(device) if metrics is not None else None   # step times feed the metrics' histogram
     started = window_start = time.perf_counter()
 
     def flush(warmup: bool = False) -> None:
@@ -213,15 +249,26 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         if not warmup:
             train_seconds += seconds
             samples += window_steps * batch_size
+        step_seconds = timer.read() if timer is not None else None
         if metrics is not None:
-            metrics.report(steps=window_steps, samples=window_steps * batch_size, seconds=seconds, loss=last_loss)
+            metrics.report(steps=window_steps, samples=window_steps * batch_size, seconds=seconds, loss=last_loss,
+                           step_seconds=step_seconds)
             if device.type == "cuda":
                 metrics.set_memory(torch.cuda.memory_allocated(device))
         loss_sum.zero_()
         window_steps = 0
         window_start = time.perf_counter()
 
+    def restart_window() -> None:
+        """After evaluation or a checkpoint write: neither is training time."""
+        nonlocal window_start
+        window_start = time.perf_counter()
+        if timer is not None:
+            timer.start()
+
     model.train()
+    if timer is not None:
+        timer.start()
     for epoch in range(step // per_epoch, epochs):
         if metrics is not None:
             metrics.set_epoch(epoch + 1)
@@ -239,12 +286,14 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             if scheduler is not None:
                 scheduler.step()
             loss_sum += loss.detach()
+            if timer is not None:
+                timer.step()
             step += 1
             window_steps += 1
             if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                 flush()
                 save_checkpoint(step, epoch)
-                window_start = time.perf_counter()  # checkpoint I/O is not training time
+                restart_window()
             elif step == start_step + 1:
                 flush(warmup=True)
             elif time.perf_counter() - window_start >= report_seconds:
@@ -257,7 +306,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         if log is not None:
             loss_text = f"{last_loss:.4f}" if last_loss is not None else "-"
             log(f"epoch {epoch + 1}/{epochs}: step {step}, loss {loss_text}, test accuracy {accuracy:.4f}")
-        window_start = time.perf_counter()  # evaluation is not training time
+        restart_window()
         if target_accuracy is not None and accuracy >= target_accuracy:
             break
     if accuracy is None:  # resumed after the last step: nothing to train, still report accuracy

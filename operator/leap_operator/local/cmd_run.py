@@ -227,8 +227,14 @@ def _start(args, out: Console, err: Console, run_dir: RunDir, run_obj: dict, doc
     workload = spec.get("workload") or {}
     what = (f"{workload['kind']} {workload['model']} on {workload['dataset']}" if workload
             else "command " + " ".join(spec["command"]))
+    batch = ""
+    if workload and spec["framework"] == "pytorch":
+        processes = workers * procs
+        batch = f", batch {workload['batchSize']} x {processes} = {workload['batchSize'] * processes} per step"
+    elif workload:
+        batch = f", batch {workload['batchSize']} per replica"
     out.print(f"leap run: [bold]{escape(name)}[/] ({spec['framework']}, {what}, {workers} worker{'s' if workers > 1 else ''}"
-              + (f" x {procs} processes" if procs > 1 else "") + f") on {device.used}")
+              + (f" x {procs} processes" if procs > 1 else "") + f"{batch}) on {device.used}")
     if device.note:
         out.print(f"note: {device.note}")
     if (spec.get("scheduling") or {}).get("queueName"):

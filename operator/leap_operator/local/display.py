@@ -72,7 +72,7 @@ def progress_line(label: str, p: dict, epochs: int | None) -> str:
 # a phase starts, TensorFlow when one ends). The display shows which one is training.
 PHASES = (("teacher", "teacher"), ("student-alone", "student alone"), ("distilled", "distilled student"))
 _PHASE_STARTED = re.compile(r"^leap-train: (teacher|student-alone|student-distilled): ", re.M)
-_PHASE_ENDED = re.compile(r"^\[leap-train tensorflow\] (teacher|student-alone|distilled-student): \d+ steps", re.M)
+_PHASE_ENDED = re.compile(r"^\[leap-train tensorflow\] (teacher|student-alone|student-distilled): \d+ steps", re.M)
 _TEACHER_LOADED = re.compile(r"^leap-train: teacher loaded from ", re.M)
 
 
@@ -88,7 +88,7 @@ def distillation_phase(log_text: str) -> str | None:
             index = ("teacher", "student-alone", "student-distilled").index(started.group(1))
         else:
             ended = _PHASE_ENDED.match(text).group(1)
-            index = min(("teacher", "student-alone", "distilled-student").index(ended) + 1, 2)
+            index = min(("teacher", "student-alone", "student-distilled").index(ended) + 1, 2)
     if index is None:
         return None
     return f"{PHASES[index][1]} ({index + 1}/3)"
@@ -304,6 +304,8 @@ _ROWS = (
     ("flops_per_second", "FLOP/s", lambda v: si(v, "FLOP/s")),
     ("mfu", "MFU", lambda v: f"{100 * v:.2f}%"),
     ("steps", "steps", lambda v: f"{int(v)}"),
+    ("batch_size", "batch per process", lambda v: f"{int(v)}"),
+    ("global_batch_size", "global batch (per step)", lambda v: f"{int(v)}"),
     ("resumed_from_step", "resumed from step", lambda v: f"{int(v)}" if v else None),
     ("world_size", "world size", lambda v: f"{int(v)}"),
     ("device", "device", str),
