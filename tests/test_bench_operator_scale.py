@@ -48,5 +48,9 @@ def test_small_scale_run_against_the_real_control_plane_counts_the_operators_wri
     assert figures["phase_changes_per_run"] == 3  # Pending, Running, Succeeded
     kinds = figures["writes_by_kind_per_run"]
     assert kinds["create jobs"] == 1.0 and kinds["create services"] == 1.0, kinds
-    assert figures["writes_per_phase_change"]["mean"] <= 3.5, kinds
+    # One Event per phase change, kopf's finalizer once; status: one write per phase change plus
+    # one per step in which the real Job controller reports its counts (active, ready, succeeded).
+    assert kinds["create events"] == 3.0 and kinds["patch trainingruns"] == 1.0, kinds
+    assert kinds["patch trainingruns/status"] <= 5.0, kinds
+    assert figures["writes_per_phase_change"]["mean"] <= 11 / 3 + 0.01, kinds
     assert "| writes per phase change" in capsys.readouterr().out
