@@ -169,6 +169,7 @@ OPERATOR_NEEDS = {
     ("", "pods", "list"), ("", "pods", "watch"),
     ("", "events", "create"),
     ("", "events", "list"),  # the Job controller's FailedCreate Events, when a Job cannot create its pods
+    ("kueue.x-k8s.io", "workloads", "list"), ("kueue.x-k8s.io", "workloads", "patch"),  # suspending a queued run
 }
 KOPF_DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                   ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}

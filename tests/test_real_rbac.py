@@ -38,6 +38,9 @@ UNSEEN_BUT_NEEDED = {
     ("", "services", "get"): "a create answered 409 (the Service exists): the operator reads it back",
     ("", "events", "list"): "a Job that cannot create its pods: the operator reads the Job controller's "
                             "FailedCreate Events (test_real_semantics.py shows that case)",
+    ("kueue.x-k8s.io", "workloads", "list"): "a queued run suspended by its user (needs Kueue's Workload API; "
+                                             "test_real_semantics.py shows it with Kueue's Workload CRD)",
+    ("kueue.x-k8s.io", "workloads", "patch"): "the same: the Workload's spec.active is set false, then true",
 }
 
 

@@ -205,3 +205,61 @@ def test_two_multi_host_tpu_gangs_each_land_on_one_whole_slice(cluster):
         pools[name] = {p["spec"]["nodeName"].rsplit("-", 1)[0] for p in pods}
     assert all(len(p) == 1 for p in pools.values()), pools  # each gang on one slice
     assert pools["xla-a"] != pools["xla-b"], pools
+
+
+WORKLOAD_CRD = {
+    # Kueue's Workload API as far as Leap uses it: the real CRD is Kueue's; Kueue itself is played
+    # by the test (it creates the Workload, admits and suspends the Job), which is what this tier
+    # cannot show: Kueue's own admission decisions.
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "workloads.kueue.x-k8s.io"},
+    "spec": {"group": "kueue.x-k8s.io", "scope": "Namespaced",
+             "names": {"plural": "workloads", "singular": "workload", "kind": "Workload", "listKind": "WorkloadList"},
+             "versions": [{"name": "v1beta1", "served": True, "storage": True,
+                           "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+def test_a_queued_run_is_suspended_through_its_kueue_workload_not_the_jobs_suspend(cluster):
+    """With queueName, runPolicy.suspend sets the Workload's spec.active (Kueue's documented way to
+    stop a workload) and leaves the Job's spec.suspend to Kueue; resuming sets it back."""
+    cluster.rest.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", WORKLOAD_CRD)
+    cluster.kubectl("wait", "--for=condition=Established", "crd/workloads.kueue.x-k8s.io", "--timeout=60s")
+    ns = cluster.namespace("kueue-stop")
+    create(cluster, example("mnist-gpu", ns, scheduling={"queueName": "team-a"}))
+    job_name = render.job_name("mnist-gpu", 1)
+    job_path = f"/apis/batch/v1/namespaces/{ns}/jobs/{job_name}"
+    job = wait_for(lambda: cluster.rest.get(job_path), 30, message="the queued Job")
+    workloads = f"/apis/kueue.x-k8s.io/v1beta1/namespaces/{ns}/workloads"
+    cluster.rest.ok("POST", workloads, {  # what Kueue creates for the Job
+        "apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "Workload",
+        "metadata": {"name": f"job-{job_name}-1a2b3", "labels": {"kueue.x-k8s.io/job-uid": job["metadata"]["uid"]},
+                     "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                                          "uid": job["metadata"]["uid"], "controller": True}]},
+        "spec": {"active": True, "queueName": "team-a"}})
+    workload = f"{workloads}/job-{job_name}-1a2b3"
+
+    def kueue_sets_suspend(value: bool) -> None:
+        cluster.rest.ok("PATCH", job_path, {"spec": {"suspend": value}}, content_type="application/merge-patch+json")
+
+    kueue_sets_suspend(False)  # admitted
+    running_pods(cluster, ns, job_name, 1)
+    wait_for(lambda: status(cluster, ns, "mnist-gpu").get("phase") == "Running", 30, message="Running")
+
+    cluster.kubectl("-n", ns, "patch", "trainingrun", "mnist-gpu", "--type=merge",
+                    "-p", '{"spec":{"runPolicy":{"suspend":true}}}')
+    wait_for(lambda: cluster.rest.get(workload)["spec"]["active"] is False, 30, message="the Workload deactivated")
+    time.sleep(1)
+    assert cluster.rest.get(job_path)["spec"]["suspend"] is False  # the Job's suspend is Kueue's to set
+    kueue_sets_suspend(True)  # Kueue evicts the deactivated workload
+    wait_for(lambda: status(cluster, ns, "mnist-gpu").get("phase") == "Suspended", 30, message="Suspended")
+
+    cluster.kubectl("-n", ns, "patch", "trainingrun", "mnist-gpu", "--type=merge",
+                    "-p", '{"spec":{"runPolicy":{"suspend":false}}}')
+    wait_for(lambda: cluster.rest.get(workload)["spec"]["active"] is True, 30, message="the Workload active again")
+    assert cluster.rest.get(job_path)["spec"]["suspend"] is True  # still Kueue's: it readmits
+    kueue_sets_suspend(False)
+    running_pods(cluster, ns, job_name, 1)
+    wait_for(lambda: status(cluster, ns, "mnist-gpu").get("phase") == "Running", 30, message="Running again")
+    st = status(cluster, ns, "mnist-gpu")
+    assert st["restarts"] == 0 and st["attempt"] == 1, st

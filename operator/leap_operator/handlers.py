@@ -47,6 +47,8 @@ JOBS = ("batch", "v1", "jobs")
 PODS = ("", "v1", "pods")
 OWNED = {names.LABEL_RUN: kopf.PRESENT}
 FINALIZER = f"{names.GROUP}/finalizer"
+KUEUE_API = "kueue.x-k8s.io/v1beta1"
+KUEUE_JOB_UID = "kueue.x-k8s.io/job-uid"  # the label Kueue puts on the Workload of a Job
 FAILED_CREATE_GRACE = 3.0  # seconds a new Job gets to create its pods before the operator asks why not
 
 
@@ -127,10 +129,12 @@ class Controller:
             current = None  # a leftover of an earlier run with the same name: stale, deleted below
         pods = [p for p in pods_index.get((namespace, name), []) if pod_attempt(p) == attempt]
         not_created = await self._pods_not_created(namespace, current, pods, state)
+        workload = await self._kueue_workload(namespace, run, current)
 
         decision = compute_status(run, current, pods, _now(), problems=problems,
                                   backoff_base=self.config.backoff_base, backoff_max=self.config.backoff_max,
-                                  pods_not_created=not_created, job_outdated=_outdated(current, run, problems))
+                                  pods_not_created=not_created, job_outdated=_outdated(current, run, problems),
+                                  workload_inactive=workload is not None and (workload.get("spec") or {}).get("active") is False)
 
         # Persist first: the attempt number must be durable before its Job exists. A "create"
         # decision never changes the attempt (restarts persist the new one first), so its status
@@ -187,8 +191,16 @@ class Controller:
             logger.debug("%s Job %s (its shape %s, the run's %s)", action, current_name,
                          ((current.get("metadata") or {}).get("annotations") or {}).get(names.ANNOTATION_SHAPE),
                          render.shape_hash(run) if not problems else "-")
-            await self.kube.patch("batch/v1", "jobs", namespace, current_name,
-                                  {"spec": {"suspend": action == "suspend"}})
+            if action == "suspend" and workload is not None:
+                # A queued run is stopped the way Kueue documents: its Workload inactive. Kueue then
+                # suspends the Job itself; patching spec.suspend would fight Kueue's own use of it.
+                if (workload.get("spec") or {}).get("active") is not False:
+                    await self._set_workload_active(namespace, workload, False)
+            else:
+                await self.kube.patch("batch/v1", "jobs", namespace, current_name,
+                                      {"spec": {"suspend": action == "suspend"}})
+        elif action == "activate" and workload is not None:
+            await self._set_workload_active(namespace, workload, True)
         elif action == "delete-run":
             await self.kube.delete(names.API_VERSION, names.PLURAL, namespace, name)
             return None
@@ -236,6 +248,27 @@ class Controller:
             return None
         state.refusals += 1
         return min(60.0, self.config.error_backoff * 2 ** (state.refusals - 1))
+
+    async def _kueue_workload(self, namespace: str, run: dict, job: dict | None) -> dict | None:
+        """The Kueue Workload of a queued run's Job, while that matters (the run is suspended by
+        its user, or its Job is suspended); None without Kueue, a queue, or a Workload yet."""
+        spec = run.get("spec") or {}
+        if job is None or not (spec.get("scheduling") or {}).get("queueName"):
+            return None
+        if not ((spec.get("runPolicy") or {}).get("suspend") or (job.get("spec") or {}).get("suspend")):
+            return None
+        uid = (job.get("metadata") or {}).get("uid")
+        try:
+            found = await self.kube.list(KUEUE_API, "workloads", namespace, label_selector=f"{KUEUE_JOB_UID}={uid}")
+        except KubeError as exc:
+            if exc.status in (403, 404):  # Kueue is not installed (or not granted): the Job is suspended instead
+                return None
+            raise
+        return found[0] if found else None
+
+    async def _set_workload_active(self, namespace: str, workload: dict, active: bool) -> None:
+        await self.kube.patch(KUEUE_API, "workloads", namespace, workload["metadata"]["name"],
+                              {"spec": {"active": active}})
 
     async def _pods_not_created(self, namespace: str, job: dict | None, pods: list[dict],
                                 state: "RunState") -> str | None:

@@ -28,6 +28,7 @@ PLURALS = {
     ("v1", "Pod"): "pods",
     ("v1", "Event"): "events",
     (names.API_VERSION, names.KIND): names.PLURAL,
+    ("kueue.x-k8s.io/v1beta1", "Workload"): "workloads",
 }
 RETRIABLE = {409, 429, 500, 502, 503, 504}
 

@@ -10,7 +10,8 @@ Decisions (Decision.action):
   restart    the attempt failed and restarts remain: status moves to attempt+1 (written first),
              then the old Job is deleted; the new Job is created after the backoff
   stop       delete the current Job (deadline exceeded, or failed while workers still run)
-  suspend / resume   set the Job's spec.suspend
+  suspend / resume   set the Job's spec.suspend (a queued run: its Kueue Workload's spec.active)
+  activate   a queued run resumed by the user: set its Kueue Workload's spec.active back to true
   replace    the run was edited while suspended: status moves to attempt+1 (written first), the
              old Job is deleted, and the new shape's Job is created next (not a restart)
   delete-run ttlSecondsAfterFinished expired
@@ -229,7 +230,7 @@ def worker_counts(spec: dict, job: dict | None, pods: list[dict]) -> dict:
 def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.datetime, *,
                    problems: list | None = None, backoff_base: float = DEFAULT_BACKOFF_BASE,
                    backoff_max: float = DEFAULT_BACKOFF_MAX, pods_not_created: str | None = None,
-                   job_outdated: bool = False) -> Decision:
+                   job_outdated: bool = False, workload_inactive: bool = False) -> Decision:
     """The run's new status and the next action.
 
     run: the TrainingRun (spec defaulted; status = the last status written);
@@ -237,7 +238,9 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     pods: the pods of this attempt; problems: validate_run()'s result (empty: valid);
     pods_not_created: the Job controller's last FailedCreate message for this attempt's Job, if
     it could not create some of its pods (a missing PriorityClass, a quota, Pod Security...);
-    job_outdated: the run was edited since its Job was rendered (only possible while Suspended).
+    job_outdated: the run was edited since its Job was rendered (only possible while Suspended);
+    workload_inactive: a queued run's Kueue Workload has spec.active false (how Leap suspends a
+    queued run: Kueue's own way to stop a workload, so Leap never fights Kueue over spec.suspend).
     """
     spec = run.get("spec") if isinstance(run.get("spec"), dict) else {}
     old = dict(run.get("status") or {}) if isinstance(run.get("status"), dict) else {}
@@ -382,6 +385,9 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     if job_suspended:
         queue = (spec.get("scheduling") or {}).get("queueName")
         if queue:
+            if workload_inactive:  # suspended by the user earlier, now resumed: let Kueue admit it again
+                return finish(PENDING, "Resuming", f"reactivating its Kueue Workload in queue {queue}",
+                              action="activate", requeue=requeue())
             if new.get("startTime"):  # it ran, and its queue took the nodes back
                 return finish(PENDING, R_PREEMPTED, f"preempted: queue {queue} suspended the Job; "
                               f"it resumes (from its last checkpoint) when readmitted", requeue=requeue())

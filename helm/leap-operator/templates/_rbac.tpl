@@ -35,6 +35,10 @@
   resources: ["events"]
   # list: the Job controller's FailedCreate Events on a Job that cannot create its pods.
   verbs: ["create", "list"]
+# Kueue: a queued run is suspended and resumed through its Workload's spec.active.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list", "patch"]
 {{- end }}
 {{/* kopf peering in a namespace (namespace-scoped mode). */}}
 {{- define "leap.namespacedPeeringRules" -}}
