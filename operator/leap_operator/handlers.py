@@ -139,20 +139,12 @@ class Controller:
         # Persist first: the attempt number must be durable before its Job exists. A "create"
         # decision never changes the attempt (restarts persist the new one first), so its status
         # is written with the Job in hand on the next pass: one status write instead of two.
-        patch = status_patch(run["status"], decision.status) if decision.action != "create" else None
         if decision.action == "create":
             decision.events = []
-        if patch:
-            result = await self.kube.patch(names.API_VERSION, names.PLURAL, namespace, name,
-                                           {"status": patch}, subresource="status")
-            if result is None:
-                return None  # the run is gone
-            state.status = decision.status
-        phase = state.phase = decision.status.get("phase")
-        opmetrics.set_phase((namespace, name), phase)
-        for type_, reason, message in decision.events:
-            kopf.event(raw, type=type_, reason=reason, message=message)
-            (logger.warning if type_ == "Warning" else logger.info)("%s: %s", reason, message)
+        elif not await self._persist(raw, run, state, decision, logger):
+            return None  # the run is gone
+        state.phase = decision.status.get("phase")
+        opmetrics.set_phase((namespace, name), state.phase)
         if decision.action == "restart":
             opmetrics.RESTARTS.inc()
 
@@ -188,9 +180,6 @@ class Controller:
         elif action == "stop" and current is not None and current_name not in state.deleted:
             await self._delete_job(namespace, current_name, state, logger)
         elif action in ("suspend", "resume") and current is not None:
-            logger.debug("%s Job %s (its shape %s, the run's %s)", action, current_name,
-                         ((current.get("metadata") or {}).get("annotations") or {}).get(names.ANNOTATION_SHAPE),
-                         render.shape_hash(run) if not problems else "-")
             if action == "suspend" and workload is not None:
                 # A queued run is stopped the way Kueue documents: its Workload inactive. Kueue then
                 # suspends the Job itself; patching spec.suspend would fight Kueue's own use of it.
@@ -224,6 +213,21 @@ class Controller:
         opmetrics.set_phase((namespace, name), None)
         logger.info("deleted the children of %s", name)
 
+    async def _persist(self, raw: dict, run: dict, state: "RunState", decision: Any, logger: logging.Logger) -> bool:
+        """Write the decision's status if it changed, then post its Events; False if the run is gone."""
+        meta = raw.get("metadata") or {}
+        patch = status_patch(run["status"], decision.status)
+        if patch:
+            result = await self.kube.patch(names.API_VERSION, names.PLURAL, meta.get("namespace") or "default",
+                                           meta["name"], {"status": patch}, subresource="status")
+            if result is None:
+                return False
+            state.status = decision.status
+        for type_, reason, message in decision.events:
+            kopf.event(raw, type=type_, reason=reason, message=message)
+            (logger.warning if type_ == "Warning" else logger.info)("%s: %s", reason, message)
+        return True
+
     async def _delete_if_ours(self, api_version: str, plural: str, namespace: str, name: str, uid: str | None) -> None:
         obj = await self.kube.get(api_version, plural, namespace, name)
         if obj is not None and _owned_by(obj, uid):
@@ -234,16 +238,10 @@ class Controller:
                        message: str, logger: logging.Logger) -> float | None:
         """The API server refused a child (or its name is taken): say so on the run, and retry
         with backoff unless the refusal is final (the run is then Failed)."""
-        meta = raw.get("metadata") or {}
         decision = status_refused(run, kind, child_name, code, message, _now())
-        patch = status_patch(run["status"], decision.status)
-        if patch and await self.kube.patch(names.API_VERSION, names.PLURAL, meta.get("namespace") or "default",
-                                           meta["name"], {"status": patch}, subresource="status") is None:
+        if not await self._persist(raw, run, state, decision, logger):
             return None
-        state.status, state.phase = decision.status, decision.status.get("phase")
-        for type_, reason, text in decision.events:
-            kopf.event(raw, type=type_, reason=reason, message=text)
-            logger.warning("%s: %s", reason, text)
+        state.phase = decision.status.get("phase")
         if decision.status.get("phase") == "Failed":
             return None
         state.refusals += 1
@@ -339,8 +337,11 @@ class Controller:
 
 
 def _outdated(job: dict | None, run: dict, problems: list) -> bool:
-    """The Job was rendered from another shape of the run (a Job without the annotation, made
-    by an older operator, is taken as current)."""
+    """The suspended Job was rendered from another shape of the run (a Job without the annotation,
+    made by an older operator, is taken as current). Only a suspended Job can be outdated (the
+    shape is fixed while it runs), so the hash is not computed on every reconcile."""
+    if not ((job or {}).get("spec") or {}).get("suspend"):
+        return False
     shape = ((job or {}).get("metadata") or {}).get("annotations", {}).get(names.ANNOTATION_SHAPE)
     return bool(shape) and not problems and shape != render.shape_hash(run)
 
