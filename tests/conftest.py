@@ -65,6 +65,25 @@ class Cluster:
                  message=f"the default ServiceAccount of {name}")
         return name
 
+    def checkpoint_claim(self, namespace: str, name: str = "checkpoints") -> str:
+        """A bound ReadWriteMany PersistentVolumeClaim for spec.checkpoint.claimName: a hostPath
+        PersistentVolume pre-bound to it (the real PV controller binds the pair; no provisioner
+        runs here). The pod runner gives every pod mounting the claim one shared directory."""
+        volume = f"{namespace}-{name}"
+        self.rest.ok("POST", "/api/v1/persistentvolumes", {
+            "apiVersion": "v1", "kind": "PersistentVolume",
+            "metadata": {"name": volume, "labels": {TEST_NAMESPACE_LABEL: "true"}},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                     "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": f"/tmp/{volume}"},
+                     "claimRef": {"namespace": namespace, "name": name}}})
+        self.rest.ok("POST", f"/api/v1/namespaces/{namespace}/persistentvolumeclaims", {
+            "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume,
+                     "resources": {"requests": {"storage": "1Gi"}}}})
+        wait_for(lambda: (self.rest.get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{name}")
+                          or {}).get("status", {}).get("phase") == "Bound", 60, message=f"claim {name} bound")
+        return name
+
     def run(self, namespace: str, name: str) -> dict | None:
         return self.rest.get(f"/apis/leap.dev/v1alpha1/namespaces/{namespace}/trainingruns/{name}")
 
@@ -94,6 +113,7 @@ def purge_test_namespaces(rest: Rest) -> None:
         rest.request("DELETE", f"/api/v1/namespaces/{name}/pods",
                      {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0})
         rest.request("DELETE", f"/api/v1/namespaces/{name}")
+    rest.request("DELETE", f"/api/v1/persistentvolumes?{selector}")
 
 
 def require_tools() -> None:

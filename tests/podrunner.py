@@ -36,6 +36,7 @@ from typing import Callable
 from controlplane import ControlPlaneError, Rest
 from leap_operator.local.plan import _POD_ONLY, local_trainer, TRAINER_COMMAND
 from leap_operator.local.podenv import resolve_env
+from leap_operator.render import CHECKPOINT_VOLUME
 from leap_trainer import contract
 
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
@@ -273,18 +274,29 @@ class PodRunner:
                                    "containerID": f"leap://{record.uid}",
                                    "state": {"running": {"startedAt": now}}}]})
 
+    def _checkpoint_dir(self, pod: dict, home: Path) -> Path:
+        """The pod's checkpoint directory. An emptyDir lives and dies with the pod (a new attempt's
+        pods start over); a PersistentVolumeClaim is one directory per claim in the namespace, shared
+        by every pod that mounts it and kept across attempts: a stand-in for a ReadWriteMany volume
+        (it cannot show a real volume's attach/detach, capacity or access-mode rules)."""
+        claim = next((v["persistentVolumeClaim"]["claimName"] for v in pod["spec"].get("volumes") or []
+                      if v.get("name") == CHECKPOINT_VOLUME and v.get("persistentVolumeClaim")), None)
+        where = self.workdir / pod["metadata"]["namespace"] / "pvc" / claim if claim else home / "checkpoints"
+        where.mkdir(parents=True, exist_ok=True)
+        return where
+
     def _spawn(self, record: PodRecord, pod: dict) -> None:
         container = pod["spec"]["containers"][0]
         meta = pod["metadata"]
         index = int((meta.get("annotations") or {}).get(contract.JOB_COMPLETION_INDEX_ANNOTATION, "0"))
         home = self.workdir / record.namespace / record.name
-        (home / "checkpoints").mkdir(parents=True, exist_ok=True)
+        checkpoints = self._checkpoint_dir(pod, home)
         rank0 = self._rank0_ip(pod) or record.ip
 
         def const(value: str) -> Callable[[str], str]:
             return lambda _pod_value: value
         local = {contract.ENV_MASTER_ADDR: const(rank0), contract.ENV_PET_MASTER_ADDR: const(rank0),
-                 contract.ENV_CHECKPOINT_DIR: const(str(home / "checkpoints"))}
+                 contract.ENV_CHECKPOINT_DIR: const(str(checkpoints))}
         pod_env = resolve_env(container, index=index, pod_name=record.name, namespace=record.namespace,
                               pod_metadata=meta, local=local, shell_env={}, pod_ip=record.ip)
         env = {k: v for k, v in os.environ.items() if k not in _POD_ONLY}
