@@ -37,12 +37,14 @@ class TrainingMetrics:
     counters do on a restart); progress, ETA and total steps are the run's (resumed steps included)."""
 
     def __init__(self, *, run: str, namespace: str, rank: int, framework: str, accelerator: str,
-                 port: int | None, flops_per_sample: float, peak_flops: float | None,
-                 total_steps: int, initial_step: int = 0, address: str = "0.0.0.0"):
+                 port: int | None, flops_per_sample: float | None, peak_flops: float | None,
+                 total_steps: int | None, initial_step: int = 0, address: str = "0.0.0.0"):
         self.labels = {"run": run, "namespace": namespace, "rank": str(rank),
                        "framework": framework, "accelerator": accelerator}
         self.port = port
         self.address = address
+        # None = unknown (a program that reports through leap_trainer.sdk may not know them):
+        # then FLOP/s and MFU, or progress, ETA and total steps, are absent, never 0.
         self.flops_per_sample = flops_per_sample
         self.peak_flops = peak_flops      # of all the devices this process drives
         self.total_steps = total_steps    # the run's planned steps
@@ -91,8 +93,9 @@ class TrainingMetrics:
             self.samples += samples
             if seconds > 0:
                 self.samples_per_second = samples / seconds
-                remaining = max(self.total_steps - self.run_step, 0)
-                self.eta_seconds = remaining * mean_step
+                if self.total_steps is not None:
+                    remaining = max(self.total_steps - self.run_step, 0)
+                    self.eta_seconds = remaining * mean_step
             if loss is not None:
                 self.loss = float(loss)
             if step_seconds is not None and len(step_seconds) == steps:
@@ -115,6 +118,8 @@ class TrainingMetrics:
     def finish(self) -> None:
         """The run is done: progress 1, nothing left to wait for."""
         with self._lock:
+            if self.total_steps is None:
+                return   # no plan to have finished
             self.initial_step = max(self.initial_step, self.total_steps - self.steps)
             self.eta_seconds = 0.0
 
@@ -126,7 +131,9 @@ class TrainingMetrics:
 
     # --- called by prometheus_client on scrape --------------------------------------------
     @property
-    def flops_per_second(self) -> float:
+    def flops_per_second(self) -> float | None:
+        if self.flops_per_sample is None:
+            return None
         return self.samples_per_second * self.flops_per_sample
 
     def describe(self):
@@ -158,18 +165,21 @@ class TrainingMetrics:
             histogram.add_metric(values, buckets, self._step_seconds_sum)
             yield histogram
             yield gauge(c.M_SAMPLES_PER_SECOND, self.samples_per_second)
-            yield gauge(c.M_FLOPS_PER_SECOND, self.flops_per_second)
-            if self.peak_flops:
-                yield gauge(c.M_MFU, self.flops_per_second / self.peak_flops)
+            flops_per_second = self.flops_per_second
+            if flops_per_second is not None:
+                yield gauge(c.M_FLOPS_PER_SECOND, flops_per_second)
+                if self.peak_flops:
+                    yield gauge(c.M_MFU, flops_per_second / self.peak_flops)
             if self.loss is not None:
                 yield gauge(c.M_LOSS, self.loss)
             if self.accuracy is not None:
                 yield gauge(c.M_ACCURACY, self.accuracy)
-            progress = min(self.run_step / self.total_steps, 1.0) if self.total_steps else 0.0
-            yield gauge(c.M_PROGRESS, progress)
-            if self.eta_seconds is not None:
-                yield gauge(c.M_ETA, self.eta_seconds)
-            yield gauge(c.M_EPOCH, self.epoch)
-            yield gauge(c.M_TOTAL_STEPS, self.total_steps)
+            if self.total_steps:
+                yield gauge(c.M_PROGRESS, min(self.run_step / self.total_steps, 1.0))
+                if self.eta_seconds is not None:
+                    yield gauge(c.M_ETA, self.eta_seconds)
+                yield gauge(c.M_TOTAL_STEPS, self.total_steps)
+            if self.epoch:
+                yield gauge(c.M_EPOCH, self.epoch)
             if self.memory_bytes is not None:
                 yield gauge(c.M_ACCEL_MEMORY, self.memory_bytes)
