@@ -304,3 +304,41 @@ def test_transformers_callback_counts_steps_samples_and_flops_of_a_tiny_model(tm
     assert 0 < last["loss"] < 10 and 'framework="pytorch"' in page
     assert progress_from_metrics_text(seen["pages"][0])["step"] == steps // 2   # mid-run, at the first epoch's end
     assert summary["steps"] == steps and summary["flops_per_sample"] == pytest.approx(seen["flops_per_sample"])
+
+
+# --- the real control plane --------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_user_program_as_a_command_run_shows_progress_in_kubectl_get(cluster):
+    """The operator scrapes rank 0 of a `command:` run (the user's program, run for real by the pod
+    runner with its pod's env) into status.progress, which `kubectl get ltr` shows."""
+    from emulator import wait_for as wait
+    from test_real_operator import PhaseRecorder, _number, create, get_tr
+
+    ns = cluster.namespace("sdk-run", labels={"pod-security.kubernetes.io/enforce": "restricted"})
+    cluster.runner.run_for_real(lambda pod: pod["metadata"]["namespace"] == ns)
+    epochs, samples = 2, 32_768            # 1,024 steps per epoch: long enough for several scrapes
+    total = epochs * samples // BATCH
+    run = {"apiVersion": "leap.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": "user-cnn", "namespace": ns},
+           "spec": {"framework": "pytorch", "image": "registry.example/team/cnn:1",
+                    "command": [sys.executable, str(INSTRUMENTED)],
+                    "args": ["--epochs", str(epochs), "--samples", str(samples), "--batch-size", str(BATCH)],
+                    "metrics": {"port": free_port()}, "env": [{"name": "OMP_NUM_THREADS", "value": "1"}]}}
+    recorder = PhaseRecorder(cluster, ns, "user-cnn")
+    create(cluster, run)
+    try:
+        seen = wait(lambda: (lambda row: row if _number(row["PROGRESS"]) > 0 and _number(row["THROUGHPUT"]) > 0
+                             and row["ETA"] not in ("", "<none>") and row["PHASE"] == "Running" else None)(
+            get_tr(cluster, ns, "user-cnn")), 240, 0.3, "PROGRESS, THROUGHPUT and ETA while Running")
+        progress = cluster.run(ns, "user-cnn")["status"]["progress"]
+        wait(lambda: cluster.phase(ns, "user-cnn") == "Succeeded", 300, 0.5, "Succeeded")
+    finally:
+        phases = recorder.stop()
+    assert phases[-1] == "Succeeded", phases
+    assert 0 < float(seen["PROGRESS"]) <= 100 and float(seen["THROUGHPUT"]) > 0 and seen["ETA"], seen
+    assert progress["totalSteps"] == total and 0 < progress["step"] <= total
+    assert progress["flopsPerSecond"] / progress["samplesPerSecond"] == pytest.approx(CNN_FLOPS_PER_SAMPLE, rel=1e-3)
+    assert progress["etaSeconds"] >= 0 and progress["loss"] > 0
+    log = next((cluster.runner.workdir / ns).glob("user-cnn-a1-0-*/container.log")).read_text()
+    assert trained_steps(log) == total
