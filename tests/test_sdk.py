@@ -306,6 +306,59 @@ def test_transformers_callback_counts_steps_samples_and_flops_of_a_tiny_model(tm
     assert summary["steps"] == steps and summary["flops_per_sample"] == pytest.approx(seen["flops_per_sample"])
 
 
+# --- the light package ----------------------------------------------------------------------------------
+
+LIGHT_PROGRAM = """
+import sys, time
+import leap_trainer.sdk as leap
+for step in range(1, 41):
+    time.sleep(0.005)
+    leap.report(step=step, samples=16, total_steps=100, loss=1.0 / step)
+leap.reporter().flush()
+print("reported", flush=True)
+sys.stdin.readline()     # stay up until the test has scraped /metrics
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_light_package_installs_without_any_ml_framework_and_reports(tmp_path):
+    """`pip install ./images/trainer` into a fresh venv: prometheus-client and nothing heavier; a
+    plain program there reports with leap.report() and its /metrics has the leap_train_* series."""
+    import shutil
+    import subprocess
+
+    from test_images import fresh_venv, pip_env, run
+
+    source = tmp_path / "src"   # a copy: building in place would leave build/ and egg-info in the checkout
+    shutil.copytree(Path(__file__).resolve().parents[1] / "images" / "trainer", source,
+                    ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    bin_dir = fresh_venv(tmp_path / "venv")
+    python = str(bin_dir / "python")
+    run([python, "-m", "pip", "install", "-q", str(source)])
+    installed = {line.split("==")[0].split(" @ ")[0].lower().replace("_", "-")
+                 for line in run([python, "-m", "pip", "freeze"]).stdout.splitlines()}
+    assert {"leap-trainer", "prometheus-client"} <= installed, installed
+    assert not installed & {"torch", "tensorflow", "tensorflow-cpu", "keras", "numpy", "transformers"}, installed
+    port = free_port()
+    env = pip_env(**{c.ENV_METRICS_PORT: str(port), c.ENV_RUN: "light", c.ENV_NAMESPACE: "team-a", c.ENV_RANK: "0"})
+    proc = subprocess.Popen([python, "-c", LIGHT_PROGRAM], env=env, cwd=tmp_path, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "reported", proc.stderr.read() if proc.poll() is not None else ""
+        text = scrape(port)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+    assert 'run="light"' in text and 'namespace="team-a"' in text
+    progress = progress_from_metrics_text(text)
+    assert progress["step"] == 40 and progress["totalSteps"] == 100 and progress["percent"] == 40.0
+    assert value(text, c.M_SAMPLES) == 40 * 16 and value(text, c.M_LOSS) < 0.1
+    assert c.M_FLOPS_PER_SECOND not in text   # no FLOPs per sample given: FLOP/s unknown, absent
+
+
 # --- the real control plane --------------------------------------------------------------------------
 
 @pytest.mark.slow
