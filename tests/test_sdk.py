@@ -103,6 +103,21 @@ def test_the_instrumented_program_differs_from_the_users_by_at_most_3_lines():
     assert any("leap.watch(model, optimizer" in line for line in diff), diff
 
 
+def test_docs_example_is_the_tested_program_and_its_trainingrun_is_valid():
+    from leap_operator.validation import validate_run
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "sdk.md").read_text()
+    python = re.findall(r"```python\n(.*?)```", doc, re.S)
+    example = max(python, key=len)
+    added = [line for line in example.splitlines() if "# added" in line]
+    assert len(added) == 3, added
+    code = [re.sub(r"\s+# added.*$", "", line) for line in example.splitlines()]
+    program = INSTRUMENTED.read_text().split('"""', 2)[2].strip().splitlines()
+    assert code == program
+    runs = [d for block in re.findall(r"```yaml\n(.*?)```", doc, re.S) for d in yaml.safe_load_all(block)]
+    assert runs and all(validate_run(run) == [] for run in runs)
+
+
 def test_the_flop_count_by_hand_is_torchs():
     assert flop_counter_per_sample() == CNN_FLOPS_PER_SAMPLE == 864_000
 
