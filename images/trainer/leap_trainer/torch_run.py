@@ -99,7 +99,10 @@ class Run:
         self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
         self.directory = RunDirectory(self.dir, writer=layout.is_main)
         args.batch_size = resolve_batch_size(args, layout.world_size)
-        dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
+        try:
+            dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
+        except (ValueError, OSError) as error:
+            raise fail(f"--dataset {args.dataset!r}: {error}") from None
         self.train_size = len(dataset.x_train)
         self.data = DeviceData.from_dataset(dataset, device)
         self.x_train = dataset.x_train  # host copy: distillation's soft targets are computed from it
