@@ -270,12 +270,13 @@ def update(record: dict | None, *, created: float, now: float, attempt: int, pha
 
 
 def summary_line(record: dict) -> str:
-    """'goodput 71.2% of 84.0s: productive 59.8s, scheduling 0.4s, ...' (parts over 0, largest first)."""
+    """'goodput 71.2% of 84.0s: productive 59.8s, scheduling 0.4s, ...': every part, in PARTS'
+    order; a part the trainer never reported says unknown."""
     wall = record.get("wallSeconds") or 0.0
     head = f"goodput {100 * record['ratio']:.1f}%" if record.get("ratio") is not None else "goodput unknown"
-    shown = sorted(((record.get(f"{p}Seconds"), p) for p in PARTS if (record.get(f"{p}Seconds") or 0) >= 0.05),
-                   reverse=True)
-    return f"{head} of {wall:.1f}s: " + ", ".join(f"{p} {v:.1f}s" for v, p in shown)
+    shown = [f"{part} {record[f'{part}Seconds']:.1f}s" if record.get(f"{part}Seconds") is not None
+             else f"{part} unknown" for part in PARTS]
+    return f"{head} of {wall:.1f}s: " + ", ".join(shown)
 
 
 def observe(record: dict | None, *, run: dict, status: dict, job: dict | None, counters: tuple[int, dict] | None,

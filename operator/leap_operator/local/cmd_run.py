@@ -295,7 +295,12 @@ def _goodput(created: float, outcome: Outcome, display) -> dict:
     as the display last scraped them, per attempt."""
     attempts = [{**entry, **display.counters.get(entry["attempt"], {})} for entry in outcome.timeline]
     end = (attempts[-1].get("ended") if attempts else None) or time.time()
-    return goodput.account(created, end, attempts, final_step=display.total_steps if outcome.succeeded else None)
+    record = goodput.account(created, end, attempts, final_step=display.total_steps if outcome.succeeded else None)
+    # Each attempt's facts (times as RFC 3339, as in status.goodput), to check the account by.
+    times = ("created", "running", "ended")
+    record["attempts"] = [{k: goodput.fmt(v) if k in times and v is not None else v for k, v in a.items()}
+                          for a in attempts]
+    return record
 
 
 def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, out: Console, err: Console,
