@@ -155,8 +155,7 @@ TRAINING = Dashboard(
         Panel("Goodput", [(f'max by (namespace, run) ({names.OM_GOODPUT_RATIO}{{{SEL}}})', "{{namespace}}/{{run}}")],
               unit="percentunit", max=1,
               description="Productive training seconds over wall seconds per run (status.goodput.ratio, from the "
-                          "operator); its parts are leap_operator_run_goodput_seconds{part=...}.",
-              may_be_empty="the operator sets it for the runs it manages; a leap-train process alone has none."),
+                          "operator); its parts are leap_operator_run_goodput_seconds{part=...}."),
         Panel("Time by activity (rank 0)", [
             (f'sum by (namespace, run, activity) (rate({c.M_TIME}{{{SEL}, rank="0"}}[{RATE}]))',
              "{{run}} {{activity}}"),
