@@ -158,19 +158,23 @@ def test_report_counts_steps_given_as_the_runs_step_and_resumes(tmp_path):
     port = free_port()
     env = {c.ENV_METRICS_PORT: str(port), c.ENV_RUN: "resumed", c.ENV_SUMMARY: str(tmp_path / "summary.json")}
     with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
+        for key, setting in env.items():
+            patch.setenv(key, setting)
         try:
             sdk.configure(initial_step=100)
             for step in range(110, 200, 10):   # every 10 steps of 8 samples
                 sdk.report(step=step, samples=80, total_steps=200, epoch=2)
             sdk.reporter().flush()
-            progress = progress_from_metrics_text(scrape(port))
+            text = scrape(port)
+            progress = progress_from_metrics_text(text)
         finally:
             sdk.finish()
             sdk._reset_for_tests()
     assert progress["totalSteps"] == 200 and progress["step"] == 190 and progress["percent"] == 95.0
     assert progress["epoch"] == 2 and progress["etaSeconds"] >= 0
+    assert value(text, c.M_RESUMED_STEP) == 100
+    train_seconds = float(re.search(rf'^{c.M_TIME}{{.*activity="train".*}} (\S+)$', text, re.M).group(1))
+    assert 0 < train_seconds < 60 and f'{c.M_TIME}{{' in text and 'activity="startup"' in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 190 and summary["resumed_from_step"] == 100 and summary["samples"] == 720
 

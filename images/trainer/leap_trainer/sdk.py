@@ -157,7 +157,7 @@ class Reporter:
 
     def set_initial_step(self, step: int) -> None:
         """The run's steps done before this process started (a resumed program)."""
-        self.metrics.initial_step = max(0, int(step))
+        self.metrics.initial_step = self.metrics.resumed_step = max(0, int(step))
 
     def set_flops_per_sample(self, flops: float | None) -> None:
         if flops:
@@ -185,6 +185,7 @@ class Reporter:
     def begin(self) -> None:
         """Training starts now (the first step's start), unless it already did."""
         if self._start_mark is None:
+            self.metrics.training_started()   # the goodput account: start-up ends at the first step
             self._start_mark = self.clock.mark()
             self._window_host_start = time.perf_counter()
 
