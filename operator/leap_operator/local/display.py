@@ -268,7 +268,8 @@ class LiveDisplay(BaseDisplay):
                 "worker": str(worker.index),
                 "progress": ProgressBar(total=100, completed=pct or 0, width=24),
                 "": f"{pct:.0f}%" if pct is not None else "",
-                "step": f"{int(p['step'])}/{int(p.get('totalSteps') or 0)}" if p.get("step") is not None else "-",
+                "step": (f"{int(p['step'])}/{int(p['totalSteps'])}" if p.get("totalSteps") else f"{int(p['step'])}")
+                if p.get("step") is not None else "-",   # unknown total steps (an SDK run without them): no "/0"
                 "epoch": (f"{int(p['epoch'])}" + (f"/{info.epochs}" if info.epochs else "")) if p.get("epoch") is not None else "-",
                 "loss": f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
                 "samples/s": f"{p['samplesPerSecond']:,.0f}" if p.get("samplesPerSecond") is not None else "-",
