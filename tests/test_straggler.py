@@ -144,7 +144,7 @@ PROMTOOL = shutil.which("promtool")
      "samples/s alone cannot see a straggler in a synchronous run"),
     ("\n      and on (namespace, run, rank)\n      sum by (namespace, run, rank) (leap_train_samples_total offset 10m)",
      "", "without 10 minutes of history, a slow warm-up fires"),
-])
+], ids=["threshold", "no-compute-seconds", "no-history"])
 def test_promtool_cases_catch_a_broken_straggler_alert(tmp_path, broken, replacement, why):
     rules = RULES.read_text()
     assert broken in rules, broken

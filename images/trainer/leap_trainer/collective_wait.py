@@ -31,6 +31,7 @@ import torch
 class CollectiveWait:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         self._lock = threading.Lock()      # callbacks complete on the process group's thread
         self._steps: list[tuple[object, list]] = []   # (last bucket ready, [each bucket's all-reduce done])
         self._done: list = []              # done marks of the step whose buckets are being reduced
@@ -50,8 +51,10 @@ class CollectiveWait:
     def _mark(self):
         if not self.cuda:
             return time.perf_counter()
+        # This device's current stream in the calling thread (the callback's: one that waits on the
+        # collective), named explicitly: hooks and callbacks run on threads of their own.
         event = torch.cuda.Event(enable_timing=True)
-        event.record()
+        event.record(torch.cuda.current_stream(self.device))
         return event
 
     def hook(self, process_group, bucket):
