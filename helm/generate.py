@@ -91,6 +91,7 @@ DATASOURCE_VAR = {
     "current": {}, "hide": 0, "refresh": 1, "regex": "",
 }
 
+
 def own_pace(window: str, selector: str = "") -> str:
     """Each rank's own training pace: its samples over its own compute seconds (time waiting for the
     other ranks in the all-reduce excluded: in synchronous data parallelism every rank's samples/s
@@ -130,8 +131,9 @@ TRAINING = Dashboard(
               unit="short", description="Samples per second per run (sum over ranks)."),
         Panel("Throughput per rank", [(f"sum by (run, rank) ({c.M_SAMPLES_PER_SECOND}{{{SEL}}})",
                                        "{{run}} rank {{rank}}")],
-              unit="short", description="Samples per second each rank measured over its last reporting window: "
-                                        "a straggler shows as one low line."),
+              unit="short", description="Samples per second each rank measured over its last reporting window. "
+                                        "In synchronous data parallelism every rank waits for the slowest, so the "
+                                        "lines are equal: a straggler shows in 'Slowest rank vs median'."),
         Panel("Slowest rank vs median", [
             (f"bottomk by (namespace, run) (1,\n  {own_pace(RATE, '{' + SEL + '}')}\n)", "{{run}} slowest: rank {{rank}}"),
             (f"quantile by (namespace, run) (0.5,\n  {own_pace(RATE, '{' + SEL + '}')}\n)", "{{run}} median rank"),
