@@ -172,6 +172,19 @@ TRAINING = Dashboard(
               unit="bytes", description="Accelerator memory in use per rank.",
               may_be_empty="leap_accelerator_memory_bytes is only reported where an accelerator is present "
                            "(no GPU/TPU in a CPU run)."),
+        Panel("Goodput", [(f'max by (namespace, run) ({names.OM_GOODPUT_RATIO}{{{SEL}}})', "{{namespace}}/{{run}}")],
+              unit="percentunit", max=1,
+              description="Productive training seconds over wall seconds per run (status.goodput.ratio, from the "
+                          "operator); its parts are leap_operator_run_goodput_seconds{part=...}."),
+        Panel("Time by activity (rank 0)", [
+            (f'sum by (namespace, run, activity) (rate({c.M_TIME}{{{SEL}, rank="0"}}[{RATE}]))',
+             "{{run}} {{activity}}"),
+        ], unit="percentunit", max=1,
+              description="Share of wall time rank 0 spends on each activity (startup, restore, checkpoint, "
+                          "train, evaluate): the trainer's side of the goodput account."),
+        Panel("Resumed from step", [(f"max by (namespace, run) ({c.M_RESUMED_STEP}{{{SEL}}})", "{{namespace}}/{{run}}")],
+              decimals=0, description="The run's step the current attempt started at (0: a fresh start; after a "
+                                      "restart, its checkpoint)."),
         Panel("Restarts", [(f"sum(increase({names.OM_RESTARTS}[$__range]))", "gang restarts")],
               decimals=0, description="Gang restarts the operator performed in the time range, all runs "
                                       "(the operator counts them; every restart resumes from the last checkpoint)."),

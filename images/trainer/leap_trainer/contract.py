@@ -74,6 +74,17 @@ M_ETA = "leap_train_eta_seconds"                    # gauge
 M_EPOCH = "leap_train_epoch"                        # gauge
 M_TOTAL_STEPS = "leap_train_total_steps"            # gauge: steps planned for the whole run
 M_ACCEL_MEMORY = "leap_accelerator_memory_bytes"    # gauge
+M_TIME = "leap_train_time_seconds_total"            # counter {activity}: where this process's time went
+M_RESUMED_STEP = "leap_train_resumed_step"          # gauge: the run's step this process started at
+
+# Values of M_TIME's `activity` label (the goodput account, operator/leap_operator/goodput.py, reads them).
+ACTIVITY_STARTUP = "startup"          # process start to the first training step (restore excluded)
+ACTIVITY_RESTORE = "restore"          # reading checkpoints back
+ACTIVITY_CHECKPOINT = "checkpoint"    # writing checkpoints
+ACTIVITY_TRAIN = "train"              # training steps (the reporting windows' wall time)
+ACTIVITY_EVALUATE = "evaluate"        # held-out evaluation between epochs
+TIME_ACTIVITIES = (ACTIVITY_STARTUP, ACTIVITY_RESTORE, ACTIVITY_CHECKPOINT, ACTIVITY_TRAIN, ACTIVITY_EVALUATE)
+TIME_LABEL = "activity"
 
 # Description of each metric: used for HELP text and the metrics reference in the docs.
 TRAIN_METRICS: dict[str, tuple[str, str]] = {
@@ -91,6 +102,9 @@ TRAIN_METRICS: dict[str, tuple[str, str]] = {
     M_EPOCH: ("gauge", "Current epoch, 1-based."),
     M_TOTAL_STEPS: ("gauge", "Optimizer steps planned for the whole run."),
     M_ACCEL_MEMORY: ("gauge", "Accelerator memory in use by this rank, in bytes."),
+    M_TIME: ("counter", "Wall seconds this process spent, by activity: startup (process start to the first step, "
+                        "restore excluded), restore, checkpoint, train, evaluate."),
+    M_RESUMED_STEP: ("gauge", "The run's step this process started at (0: a fresh start; else the checkpoint it resumed)."),
 }
 
 # --- Exit codes -------------------------------------------------------------------------------

@@ -10,13 +10,31 @@ of metrics is paid by the scrape thread, not the training loop.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import os
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from . import contract as c
+
+
+_IMPORTED = time.monotonic()   # the fallback origin of process_age_seconds()
+
+
+def process_age_seconds() -> float:
+    """Seconds since this process started: the kernel's start time (Linux: /proc/self/stat's
+    starttime, on the boot-time clock, 10 ms ticks), else since this module was imported."""
+    try:
+        with open("/proc/self/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")   # field 22 of stat(5), counted after the name
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED
 
 
 class PortInUse(Exception):
@@ -56,6 +74,10 @@ class TrainingMetrics:
         self.epoch = 0
         self.memory_bytes: float | None = None
         self.eta_seconds: float | None = None
+        self.resumed_step = initial_step  # the run's step this process started at (finish() moves initial_step)
+        # Wall seconds by activity (contract.TIME_ACTIVITIES): the goodput account's raw facts.
+        self.seconds = {activity: 0.0 for activity in c.TIME_ACTIVITIES}
+        self._training_started = False
         self._bucket_counts = [0] * (len(STEP_SECONDS_BUCKETS) + 1)   # last one is +Inf
         self._step_seconds_sum = 0.0
         self._lock = threading.Lock()      # report() and collect() from different threads
@@ -89,6 +111,7 @@ class TrainingMetrics:
             return
         mean_step = seconds / steps
         with self._lock:
+            self.seconds[c.ACTIVITY_TRAIN] += max(seconds, 0.0)
             self.steps += steps
             self.samples += samples
             if seconds > 0:
@@ -106,6 +129,36 @@ class TrainingMetrics:
             else:
                 self._bucket_counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, mean_step)] += steps
                 self._step_seconds_sum += seconds
+
+    # --- where the time went (the goodput account) ----------------------------------------
+    def add_time(self, activity: str, seconds: float) -> None:
+        """Count `seconds` of wall time as `activity` (one of contract.TIME_ACTIVITIES: "restore",
+        "checkpoint", "evaluate"; "train" is counted by report(), "startup" by training_started()).
+        A float add: cheap enough for any loop."""
+        if activity not in self.seconds:
+            raise ValueError(f"unknown activity {activity!r}; one of {', '.join(c.TIME_ACTIVITIES)}")
+        with self._lock:
+            self.seconds[activity] += max(float(seconds), 0.0)
+
+    @contextlib.contextmanager
+    def timed(self, activity: str) -> Iterator[None]:
+        """`with metrics.timed("checkpoint"): save(...)` counts the block's wall time as `activity`."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add_time(activity, time.perf_counter() - began)
+
+    def training_started(self) -> None:
+        """The first training step is about to run: the time since the process started that no
+        other activity counted (imports, data loading, model building, process-group set-up) is
+        start-up. Later calls (a later phase's loop) change nothing."""
+        with self._lock:
+            if self._training_started:
+                return
+            self._training_started = True
+            counted = sum(v for k, v in self.seconds.items() if k != c.ACTIVITY_STARTUP)
+            self.seconds[c.ACTIVITY_STARTUP] = max(process_age_seconds() - counted, 0.0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -179,3 +232,10 @@ class TrainingMetrics:
             yield gauge(c.M_TOTAL_STEPS, self.total_steps)
             if self.memory_bytes is not None:
                 yield gauge(c.M_ACCEL_MEMORY, self.memory_bytes)
+            time_family = CounterMetricFamily(c.M_TIME, help_of[c.M_TIME], labels=[*names, c.TIME_LABEL])
+            for activity, seconds in self.seconds.items():
+                if activity == c.ACTIVITY_STARTUP and not self._training_started:
+                    continue   # still starting: how long start-up takes is not known yet
+                time_family.add_metric([*values, activity], seconds)
+            yield time_family
+            yield gauge(c.M_RESUMED_STEP, self.resumed_step)

@@ -69,6 +69,7 @@ class MetricsReporter(keras.callbacks.Callback):
         self._last_steps = self.clock.steps
         self._last_time = self._group_end = time.perf_counter()
         self._step_seconds = []
+        self._saved_seconds = self.metrics.seconds["checkpoint"]
         if self.clock.begin_step is None:
             self.clock.begin_step, self.clock.begin_time = self.clock.steps, self._last_time
 
@@ -82,7 +83,14 @@ class MetricsReporter(keras.callbacks.Callback):
         if group > 0:
             self._step_seconds += [(now - self._group_end) / group] * group
         self._last_batch, self._group_end = batch, now
+        saved = self.metrics.seconds["checkpoint"]
+        if saved > self._saved_seconds:
+            # A checkpoint save ran since the last group (CheckpointSaver follows this callback): not training.
+            self._last_time += saved - self._saved_seconds
+            self._saved_seconds = saved
         if self.clock.warm_step is None:
+            # Start-up (for the goodput account) ends once tracing and compilation are done.
+            self.metrics.training_started()
             # The first batch group includes tracing and compilation: start the throughput clock after it.
             self.clock.steps = optimizer_steps(self.model)
             self.clock.warm_step, self.clock.warm_time = self.clock.steps, now
@@ -132,9 +140,11 @@ class CheckpointSaver(keras.callbacks.Callback):
     is due, so the step counter is read only when saving. Only the chief worker writes.
     """
 
-    def __init__(self, checkpoints: PhaseCheckpoints, *, every_steps: int, steps_per_epoch: int, is_chief: bool):
+    def __init__(self, checkpoints: PhaseCheckpoints, *, every_steps: int, steps_per_epoch: int, is_chief: bool,
+                 metrics=None):
         super().__init__()
         self.checkpoints = checkpoints
+        self.metrics = metrics     # TrainingMetrics: the saves' wall time counts as "checkpoint"
         self.every_steps = max(0, int(every_steps or 0))
         self.steps_per_epoch = steps_per_epoch
         self.is_chief = is_chief
@@ -160,5 +170,8 @@ class CheckpointSaver(keras.callbacks.Callback):
 
     def _save(self, steps: int) -> None:
         if self.is_chief:
+            began = time.perf_counter()
             self.checkpoints.save(self.model, step=steps, epoch=steps // self.steps_per_epoch)
+            if self.metrics is not None:
+                self.metrics.add_time("checkpoint", time.perf_counter() - began)
         self._last_saved = steps

@@ -270,6 +270,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             timer.start()
 
     model.train()
+    if metrics is not None:
+        metrics.training_started()
     if timer is not None:
         timer.start()
     for epoch in range(step // per_epoch, epochs):
@@ -302,7 +304,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             elif time.perf_counter() - window_start >= report_seconds:
                 flush()
         flush()
-        accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
+        with metrics.timed("evaluate") if metrics is not None else contextlib.nullcontext():
+            accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
         history.append((epoch + 1, time.perf_counter() - started, accuracy))
         if metrics is not None:
             metrics.set_accuracy(accuracy)
