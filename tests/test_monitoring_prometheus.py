@@ -262,8 +262,8 @@ def test_alert_rules_run_in_prometheus_against_real_metrics(live):
     loaded = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(loaded) == set(alerts())
     assert all(r["health"] != "err" for r in loaded.values()), {n: r.get("lastError") for n, r in loaded.items()}
-    for name in ("LeapTrainingProgressStalled", "LeapTrainingThroughputDropped", "LeapOperatorDown",
-                 "LeapOperatorAPIErrors"):
+    for name in ("LeapTrainingProgressStalled", "LeapTrainingThroughputDropped", "LeapTrainingStragglerRank",
+                 "LeapOperatorDown", "LeapOperatorAPIErrors"):
         assert loaded[name]["state"] == "inactive", loaded[name]
 
 

@@ -63,6 +63,7 @@ METRIC_LABELS = ("run", "namespace", "rank", "framework", "accelerator")
 M_SAMPLES = "leap_train_samples_total"              # counter
 M_STEPS = "leap_train_steps_total"                  # counter
 M_STEP_SECONDS = "leap_train_step_seconds"          # histogram
+M_COMPUTE_SECONDS = "leap_train_compute_seconds_total"  # counter: step time minus waiting for other ranks
 M_SAMPLES_PER_SECOND = "leap_train_samples_per_second"  # gauge
 M_FLOPS_PER_SECOND = "leap_train_flops_per_second"  # gauge: achieved training FLOP/s
 M_MFU = "leap_train_mfu"                            # gauge 0..1; absent on unknown devices
@@ -90,6 +91,7 @@ TRAIN_METRICS: dict[str, tuple[str, str]] = {
     M_SAMPLES: ("counter", "Training samples processed by this process since it started (a resumed run starts at 0)."),
     M_STEPS: ("counter", "Optimizer steps taken by this process since it started (a resumed run starts at 0)."),
     M_STEP_SECONDS: ("histogram", "Wall time of each optimizer step (Keras: each step of a steps_per_execution group at the group's mean)."),
+    M_COMPUTE_SECONDS: ("counter", "Seconds of this rank's own training work: its step time minus the time it waited for the other ranks in the gradient all-reduce (PyTorch; absent where unmeasured)."),
     M_SAMPLES_PER_SECOND: ("gauge", "Training throughput of this rank over the last reporting window."),
     M_FLOPS_PER_SECOND: ("gauge", "Achieved model FLOP/s of this rank: samples/s x the model's training FLOPs per sample (matmuls, no recomputation)."),
     M_MFU: ("gauge", "Model FLOPs utilisation: achieved FLOP/s over the peak of this rank's devices at the precision used; absent when unknown."),

@@ -70,6 +70,7 @@ class TrainingMetrics:
         self.steps = 0                    # optimizer steps this process took
         self.samples = 0.0                # samples this process trained on
         self.samples_per_second = 0.0
+        self.compute_seconds: float | None = None   # own work, waits for other ranks excluded; None: unmeasured
         self.loss: float | None = None
         self.accuracy: float | None = None
         self.epoch = 0
@@ -101,11 +102,12 @@ class TrainingMetrics:
                 raise PortInUse(self.port, error) from None
 
     def report(self, *, steps: int, samples: int, seconds: float, loss: float | None = None,
-               step_seconds: Sequence[float] | None = None) -> None:
+               step_seconds: Sequence[float] | None = None, compute_seconds: float | None = None) -> None:
         """Fold in a window of `steps` optimizer steps that took `seconds` in all.
 
         step_seconds: each step's own time, for the histogram; without it every step of the
         window is counted at the window's mean (only where no finer timing exists).
+        compute_seconds: the window's own work of this rank (collective_wait.py); None: unmeasured.
         """
         if steps <= 0:
             return
@@ -121,6 +123,8 @@ class TrainingMetrics:
                     self.eta_seconds = remaining * mean_step
             if loss is not None:
                 self.loss = float(loss)
+            if compute_seconds is not None:
+                self.compute_seconds = (self.compute_seconds or 0.0) + compute_seconds
             if step_seconds is not None and len(step_seconds) == steps:
                 for one in step_seconds:
                     self._bucket_counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, one)] += 1
@@ -217,6 +221,8 @@ class TrainingMetrics:
             histogram = HistogramMetricFamily(c.M_STEP_SECONDS, help_of[c.M_STEP_SECONDS], labels=names)
             histogram.add_metric(values, buckets, self._step_seconds_sum)
             yield histogram
+            if self.compute_seconds is not None:
+                yield counter(c.M_COMPUTE_SECONDS, self.compute_seconds)
             yield gauge(c.M_SAMPLES_PER_SECOND, self.samples_per_second)
             flops_per_second = self.flops_per_second
             if flops_per_second is not None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .collective_wait import CollectiveWait
 from .orchestrator import lr_factor
 from .specs import IMAGE_SIDE
 
@@ -232,6 +233,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
     loss_sum = torch.zeros((), device=device)   # summed on the device: no host sync per step
     window_steps = 0
     timer = StepTimer(device) if metrics is not None else None   # step times feed the metrics' histogram
+    waits = CollectiveWait.attach(model, device) if metrics is not None else None   # straggler signal
     started = window_start = time.perf_counter()
 
     def flush(warmup: bool = False) -> None:
@@ -251,8 +253,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             samples += window_steps * batch_size
         step_seconds = timer.read() if timer is not None else None
         if metrics is not None:
+            compute = sum(step_seconds) - (waits.read() if waits is not None else 0.0)
             metrics.report(steps=window_steps, samples=window_steps * batch_size, seconds=seconds, loss=last_loss,
-                           step_seconds=step_seconds)
+                           step_seconds=step_seconds, compute_seconds=compute)
             if device.type == "cuda":
                 metrics.set_memory(torch.cuda.memory_allocated(device))
         loss_sum.zero_()
