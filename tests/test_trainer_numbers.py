@@ -24,8 +24,8 @@ from leap_trainer.orchestrator import (SUMMARY_KEYS, Phase, RunDirectory, build_
                                        fingerprint)
 from leap_trainer.specs import MODEL_LAYERS, layers_of
 from leap_trainer.torch_models import build_mlp
-from leap_trainer.torch_train import (DeviceData, StepTimer, cross_entropy, distillation_loss, fit, make_optimizer,
-                                      predict_logits)
+from leap_trainer.sdk import Reporter
+from leap_trainer.torch_train import DeviceData, cross_entropy, distillation_loss, fit, make_optimizer, predict_logits
 
 BATCH = 32
 
@@ -215,51 +215,81 @@ def test_histogram_records_each_step_not_the_window_mean():
     assert buckets[f"{name}_sum"] == pytest.approx(sum(steps))
 
 
-def test_step_timer_on_cpu_times_every_step():
-    timer = StepTimer(torch.device("cpu"))
-    timer.start()
+def test_reporter_on_the_host_clock_times_every_step_as_fit_uses_it():
+    """The SDK's Reporter, which leap-train's loops report through: each step's own time in the
+    histogram (the first step is the warm-up window), a pause (evaluation, a checkpoint write) in
+    no step and no train window, but in the goodput account's activity."""
+    metrics = worker_metrics(dev.Accelerator("cpu", "fp32"), 1.0)
+    reporter = Reporter(metrics=metrics, report_seconds=60.0)
+    reporter.begin()
     for pause in (0.001, 0.001, 0.03, 0.001):
         time.sleep(pause)
-        timer.step()
-    times = timer.read()
-    assert len(times) == 4 and times[2] >= 0.03 and max(times[0], times[1], times[3]) < 0.03
+        reporter.step(64)
+    with reporter.paused(contract.ACTIVITY_EVALUATE):
+        time.sleep(0.05)
+    time.sleep(0.001)
+    reporter.step(64)
+    reporter.flush()
+    values = scrape(metrics)
+    name = contract.M_STEP_SECONDS
+    assert values[f"{name}_count"] == 5 == values[contract.M_STEPS] and values[contract.M_SAMPLES] == 320
+    assert values[f"{name}_bucket{{le=0.025}}"] == 4 and values[f"{name}_bucket{{le=0.05}}"] == 5
+    assert 0.033 < values[f"{name}_sum"] < 0.049             # the 0.05 s pause is in no step
+    assert values[f"{name}_sum"] == pytest.approx(metrics.seconds[contract.ACTIVITY_TRAIN])
+    assert metrics.seconds[contract.ACTIVITY_EVALUATE] >= 0.05
+    assert reporter.steady_samples == 256 and reporter.steady_seconds < metrics.seconds[contract.ACTIVITY_TRAIN]
 
 
-def test_step_timer_on_cuda_records_events_and_syncs_once_per_window(monkeypatch):
-    """The CUDA path's bookkeeping with a stand-in for torch.cuda.Event (no GPU here): an event per
-    step, one synchronize per window, each step's time from consecutive events, events reused."""
+def test_reporter_on_cuda_closes_windows_at_finished_events_without_a_sync_per_step(monkeypatch):
+    """The CUDA clock's bookkeeping with a stand-in for torch.cuda.Event (no GPU here; a stand-in
+    cannot show real device timing): an event per step, a window closed only at the steps whose
+    events have completed (queried, not waited for), one sync only when waited, events reused."""
+    from leap_trainer.sdk_torch import CudaClock
+
     created, syncs = [], []
 
     class Event:
         def __init__(self, enable_timing=False):
-            assert enable_timing
             created.append(self)
+            self.done = False
 
         def record(self):
-            self.at = time.perf_counter()
+            self.at, self.done = time.perf_counter(), False
+            recorded.append(self)
 
-        def synchronize(self):
-            syncs.append(self)
+        def query(self):
+            return self.done
 
         def elapsed_time(self, end):
             return (end.at - self.at) * 1e3   # milliseconds, as CUDA reports
 
+    recorded: list = []
     monkeypatch.setattr(torch.cuda, "Event", Event)
-    timer = StepTimer(torch.device("cuda", 0))
-    timer.start()
-    for pause in (0.001, 0.02):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: syncs.append(device))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 12345)
+    metrics = worker_metrics(dev.Accelerator("cpu", "fp32"), 1.0)
+    reporter = Reporter(metrics=metrics, report_seconds=0.0)
+    reporter.describe(clock=CudaClock(torch.device("cuda", 0)))
+    reporter.begin()
+    for pause in (0.001, 0.02, 0.001):
         time.sleep(pause)
-        timer.step()
-    assert syncs == []                        # no sync while stepping
-    first = timer.read()
-    assert len(syncs) == 1 and len(first) == 2 and first[1] >= 0.02 > first[0]
-    for _ in range(2):
-        timer.step()
-    assert len(timer.read()) == 2 and len(syncs) == 2
-    assert len(created) == 3                  # the second window reused the first one's spent events
-    timer.start()
-    timer.step()
-    assert len(created) == 3
+        reporter.step(64)
+    assert syncs == [] and metrics.steps == 0                # the device has finished nothing yet
+    for event in recorded[:3]:                               # the start and the first two steps finish
+        event.done = True
+    reporter.step(64)
+    assert syncs == [] and metrics.steps == 1                # the warm-up window: the first step alone
+    reporter.flush(wait=False)
+    assert syncs == [] and metrics.steps == 2                # the second finished step; the rest are not
+    assert scrape(metrics)[f"{contract.M_STEP_SECONDS}_bucket{{le=0.01}}"] == 1
+    assert metrics.memory_bytes == 12345
+    for event in recorded:
+        event.done = True
+    reporter.flush()                                          # waited: one sync, every step closed
+    assert len(syncs) == 1 and metrics.steps == 4
+    made = len(created)
+    reporter.step(64)
+    assert len(created) == made                               # a spent event recorded again, none made
 
 
 def test_fit_reports_one_histogram_observation_per_step():

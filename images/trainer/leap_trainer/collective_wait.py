@@ -13,8 +13,9 @@ plus the transfer itself (a slow rank arrives last and waits only for the transf
 
 CPU: the marks are clock readings (the hook runs on the thread doing backward; the callbacks on
 the process group's thread when the all-reduce completes). CUDA: the marks are events recorded on
-the stream (the callback's stream waits on the collective), read once per reporting window like
-torch_train.StepTimer's, so there is no host sync per step.
+the stream (the callback's stream waits on the collective), read once per reporting window (the
+SDK's Reporter asks for the waits of the steps a window closes: Reporter.wait_seconds), so there
+is no host sync per step.
 
 Not excluded: other collectives inside the step (DDP's buffer broadcast in forward, for models
 with buffers such as BatchNorm; Leap's models have none).
@@ -77,10 +78,12 @@ class CollectiveWait:
                 self._done = []
         return chained
 
-    def read(self) -> float:
-        """Seconds waited in the steps since the last read (their backward calls have returned)."""
+    def read(self, steps: int | None = None) -> float:
+        """Seconds waited in the next `steps` steps not yet read (None: all whose backward calls have
+        returned), so a reporting window subtracts the waits of its own steps."""
         with self._lock:
-            steps, self._steps = self._steps, []
+            count = len(self._steps) if steps is None else steps
+            steps, self._steps = self._steps[:count], self._steps[count:]
         total = 0.0
         for ready, done_marks in steps:
             if not done_marks:

@@ -290,7 +290,9 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
     """Build (in the strategy's scope), resume, fit and evaluate one phase; returns the model."""
     import keras
 
-    from leap_trainer.tf_callbacks import CheckpointSaver, MetricsReporter, PhaseClock, optimizer_steps
+    from leap_trainer.sdk import Reporter
+    from leap_trainer.sdk_keras import KerasCallback
+    from leap_trainer.tf_callbacks import CheckpointSaver, optimizer_steps
     from leap_trainer.tf_checkpoint import PhaseCheckpoints
 
     # Same initial weights on every worker; the student trained alone and the distilled student
@@ -312,12 +314,16 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
     log(f"{name}: {model_name}, {run.steps_per_epoch * epochs} steps of {run.global_batch} samples "
         f"({run.args.batch_size} x {run.strategy.num_replicas_in_sync} replicas)")
 
-    clock = PhaseClock(global_batch=run.global_batch, worker_batch=run.worker_batch)
-    callbacks = [MetricsReporter(run.metrics, clock, memory_device=memory_device(run.plan))]
-    if checkpoints:
+    # The reporting SDK's callback, as in users' programs, feeding a Reporter of this phase (its own
+    # warm-up window: tracing) into the run's metrics, which know the plan, resumed steps and peak.
+    # Metrics count this worker's own samples (worker_batch per step): summing ranks gives the job's.
+    reporter = Reporter(metrics=run.metrics)
+    callbacks = [KerasCallback(run.worker_batch, total_steps=run.metrics.total_steps,
+                               memory_device=memory_device(run.plan), reporter=reporter)]
+    if checkpoints:   # after the KerasCallback: a save pauses the windows once the group is counted
         callbacks.append(CheckpointSaver(checkpoints, every_steps=run.args.checkpoint_every or 0,
                                          steps_per_epoch=run.steps_per_epoch, is_chief=run.plan.is_chief,
-                                         metrics=run.metrics))
+                                         reporter=reporter))
     began = time.perf_counter()
     first_epoch, into_epoch = divmod(resumed, run.steps_per_epoch)
     losses: list[float] = []
@@ -336,8 +342,11 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
     with run.metrics.timed(contract.ACTIVITY_EVALUATE):
         accuracy = float(model.evaluate(test_dataset(run), verbose=0, return_dict=True)["accuracy"])
     run.metrics.set_accuracy(accuracy)
+    # Global samples/s: this worker's steps/s after the warm-up window (tracing), checkpoint saves and the
+    # gaps between fit() calls excluded, times the global batch.
+    per_worker = reporter.throughput() or 0.0
     phase = Phase(name=name, model=model_name, steps=steps, resumed_from_step=resumed, accuracy=accuracy,
-                  samples_per_second=clock.steady_samples_per_second(),
+                  samples_per_second=per_worker * run.global_batch / run.worker_batch,
                   flops_per_sample=model_flops_per_sample(model_name),
                   final_loss=float(losses[-1]) if losses else None)
     run.phases.append(phase)

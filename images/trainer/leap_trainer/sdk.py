@@ -28,12 +28,13 @@ no FLOP/s or MFU, on a device without a known peak no MFU. The series are absent
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,8 @@ class HostClock:
     def seconds(self, start: Any, end: Any) -> float:
         return end - start
 
-    def loss(self, values: list) -> float | None:
-        """The mean of a window's losses (numbers here); None while unknown."""
+    def loss(self, values: list, wait: bool = False) -> float | None:
+        """The mean of a window's losses (numbers, or CPU tensors); None while unknown."""
         numbers = [float(v) for v in values if v is not None]
         return sum(numbers) / len(numbers) if numbers else None
 
@@ -92,12 +93,24 @@ class HostClock:
         pass
 
 
-class Reporter:
-    """One process's reporter: counts steps and samples, folds them into windows for TrainingMetrics
-    (the same class leap-train's loops feed), and writes a summary for `leap run` at the end.
+def _detached(loss: Any) -> Any:
+    """A torch tensor's value without its graph (kept for a window, the graph would be too); else as given."""
+    detach = getattr(loss, "detach", None)
+    return detach() if callable(detach) else loss
 
-    step() is called once per optimizer step (by an adapter or by report()); everything else happens
-    when a window closes, at most every `report_seconds`.
+
+class Reporter:
+    """One process's reporter: counts steps and samples, folds them into windows for TrainingMetrics,
+    and writes a summary for `leap run` at the end.
+
+    step() is called once per optimizer step (by an adapter, by report(), or by leap-train's own
+    loops); everything else happens when a window closes, at most every `report_seconds`.
+
+    leap-train reports through this class too: its loops give `metrics` (one TrainingMetrics per
+    process, served on --metrics-port and shared by the run's phases; then the identity and plan
+    arguments are ignored: the metrics have them) and make a Reporter per training phase, which
+    pauses around evaluation and checkpoint writes (paused()) and subtracts DDP's all-reduce waits
+    from the compute seconds (wait_seconds).
     """
 
     def __init__(self, *, run: str = "local", namespace: str = "default", rank: int = 0, local_rank: int = 0,
@@ -105,12 +118,13 @@ class Reporter:
                  accelerator: str | None = None, attempt: int = 1, summary_path: str | None = None,
                  total_steps: int | None = None, flops_per_sample: float | None = None,
                  peak_flops: float | None = None, initial_step: int = 0,
-                 report_seconds: float = REPORT_SECONDS, address: str = "0.0.0.0"):
+                 report_seconds: float = REPORT_SECONDS, address: str = "0.0.0.0",
+                 metrics: TrainingMetrics | None = None):
         self.rank, self.local_rank, self.world_size = rank, local_rank, world_size
         self.attempt, self.summary_path = attempt, summary_path
         self.report_seconds = report_seconds
         self.framework_given = framework is not None
-        self.metrics = TrainingMetrics(
+        self.metrics = metrics if metrics is not None else TrainingMetrics(
             run=run, namespace=namespace, rank=rank, framework=framework or "unknown",
             accelerator=accelerator or "unknown", port=port, flops_per_sample=flops_per_sample,
             peak_flops=peak_flops, total_steps=total_steps, initial_step=initial_step, address=address)
@@ -129,12 +143,15 @@ class Reporter:
         self.last_loss: float | None = None
         # Where a window's loss comes from when no step gave one (Keras: its running loss, read once a window).
         self.loss_source: Any = None
+        # Seconds this rank waited for the others in the next n closed steps (collective_wait.py):
+        # then a window's compute seconds are its step times less those waits. None: unmeasured.
+        self.wait_seconds: Callable[[int], float] | None = None
         self.closed = False
 
     # --- configuration (adapters, or the user through configure()) -----------------------------
     def describe(self, *, framework: str | None = None, accelerator: str | None = None,
                  device: str | None = None, peak_flops: float | None = None, clock: Any = None) -> None:
-        """What an adapter knows: the env's labels win; the peak makes MFU known."""
+        """What an adapter knows: the env's labels and a peak already known win; the peak makes MFU known."""
         labels = self.metrics.labels
         if framework and labels["framework"] == "unknown":
             labels["framework"] = framework
@@ -142,7 +159,7 @@ class Reporter:
             labels["accelerator"] = accelerator
         if device:
             self.device = device
-        if peak_flops:
+        if peak_flops and not self.metrics.peak_flops:
             self.metrics.peak_flops = peak_flops
         if clock is not None and not self._marks:
             self.clock = clock
@@ -162,6 +179,23 @@ class Reporter:
     def set_flops_per_sample(self, flops: float | None) -> None:
         if flops:
             self.metrics.flops_per_sample = float(flops)
+
+    @property
+    def steady_samples(self) -> float:
+        """Samples of the closed windows after the warm-up window (the summary's throughput's)."""
+        return self._steady_samples
+
+    @property
+    def steady_seconds(self) -> float:
+        """Seconds of those windows: training time, pauses (evaluation, checkpoint writes) excluded."""
+        return self._steady_seconds
+
+    def throughput(self) -> float | None:
+        """This process's samples/s after the warm-up window; with only the warm-up window closed, its
+        rate; None before any window closed."""
+        if self._steady_seconds > 0:
+            return self._steady_samples / self._steady_seconds
+        return self.metrics.samples_per_second or None
 
     @property
     def total_steps(self) -> int | None:
@@ -203,54 +237,85 @@ class Reporter:
                 self._marks.extend([mark] * steps)
                 self._samples.extend([samples / steps] * steps)
             if loss is not None:
-                self._losses.append(loss)
+                self._losses.append(_detached(loss))
             due = not self._warm or time.perf_counter() - self._window_host_start >= self.report_seconds
         if due:
             self.flush(wait=False)
 
     def set_loss(self, loss: Any) -> None:
         """A loss outside of step() (e.g. a trainer's logged running loss)."""
-        detach = getattr(loss, "detach", None)   # a torch tensor: keep the value, not its graph
-        loss = detach() if callable(detach) else loss
         with self._lock:
-            self._losses.append(loss)
+            self._losses.append(_detached(loss))
 
     def flush(self, wait: bool = True) -> None:
         """Close the window at the last step the device has finished (all of them with wait=True)."""
         with self._lock:
-            if not self._marks or self._start_mark is None:
-                return
-            if wait:
-                self.clock.synchronize()
-            ready = self._ready_count()
-            if ready == 0:
-                return
-            if not self._warm:   # the warm-up window: the first step (or group) alone
-                ready = next((i for i, mark in enumerate(self._marks) if mark is not self._marks[0]), ready)
-            marks = self._marks[:ready]
-            times = self._step_times(marks)
-            seconds = self.clock.seconds(self._start_mark, marks[-1])
-            samples = sum(self._samples[:ready])
-            losses, self._losses = self._losses, []
-            self._start_mark = marks[-1]
-            del self._marks[:ready], self._samples[:ready]
-            self._window_host_start = time.perf_counter()
-            if not losses and self.loss_source is not None:
-                losses = [self.loss_source()]
-            loss = self.clock.loss(losses)
-            if loss is not None:
-                self.last_loss = loss
-            self.metrics.report(steps=ready, samples=int(round(samples)), seconds=seconds, loss=loss,
-                                step_seconds=times)
-            if self._warm:
-                self._steady_samples += samples
-                self._steady_seconds += seconds
-            self._warm = True
-            memory = getattr(self.clock, "memory", None)
-            if memory is not None:
-                used = memory()
-                if used is not None:
-                    self.metrics.set_memory(used)
+            while self._close_window(wait) and wait and self._marks:
+                pass   # the warm-up window closed alone: close the rest too
+
+    def pause(self) -> None:
+        """Training stops for a while (evaluation, a checkpoint write, the gap between two Keras fit()
+        calls): every step so far is reported now, and the time until resume() is no step's."""
+        self.flush(wait=True)
+
+    def resume(self) -> None:
+        """Training goes on after pause(): the next step is timed from now (nothing to do before begin())."""
+        with self._lock:
+            if self._start_mark is not None and not self._marks:
+                self._start_mark = self.clock.mark()
+                self._window_host_start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self, activity: str | None = None) -> Iterator[None]:
+        """`with reporter.paused("evaluate"): ...`: the block is out of the training windows, and its wall
+        time counts as `activity` in the goodput account (None: the block counts its own)."""
+        self.pause()
+        try:
+            with self.metrics.timed(activity) if activity else contextlib.nullcontext():
+                yield
+        finally:
+            self.resume()
+
+    def _close_window(self, wait: bool) -> bool:
+        """Close one window (the caller holds the lock); False when no step was ready."""
+        if not self._marks or self._start_mark is None:
+            return False
+        if wait:
+            self.clock.synchronize()
+        ready = self._ready_count()
+        if ready == 0:
+            return False
+        if not self._warm:   # the warm-up window: the first step (or group) alone
+            ready = next((i for i, mark in enumerate(self._marks) if mark is not self._marks[0]), ready)
+        marks = self._marks[:ready]
+        times = self._step_times(marks)
+        seconds = self.clock.seconds(self._start_mark, marks[-1])
+        samples = sum(self._samples[:ready])
+        losses, self._losses = self._losses, []
+        previous_start, self._start_mark = self._start_mark, marks[-1]
+        del self._marks[:ready], self._samples[:ready]
+        self._window_host_start = time.perf_counter()
+        if not losses and self.loss_source is not None:
+            losses = [self.loss_source()]
+        loss = self.clock.loss(losses, wait=wait)
+        if loss is not None:
+            self.last_loss = loss
+        compute = sum(times) - self.wait_seconds(ready) if self.wait_seconds is not None else None
+        self.metrics.report(steps=ready, samples=int(round(samples)), seconds=seconds, loss=loss,
+                            step_seconds=times, compute_seconds=compute)
+        if self._warm:
+            self._steady_samples += samples
+            self._steady_seconds += seconds
+        self._warm = True
+        memory = getattr(self.clock, "memory", None)
+        if memory is not None:
+            used = memory()
+            if used is not None:
+                self.metrics.set_memory(used)
+        release = getattr(self.clock, "release", None)
+        if release is not None:   # spent marks back to the clock (CUDA: events reused, not re-created)
+            release([previous_start, *marks[:-1]])
+        return True
 
     def _step_times(self, marks: list) -> list[float]:
         """Each step's seconds; a group of steps sharing one mark (reported together) at its mean."""
@@ -281,10 +346,7 @@ class Reporter:
     def summary(self) -> dict[str, Any]:
         """The run as this process saw it, in the keys of leap-train's summary that apply."""
         m = self.metrics
-        if self._steady_seconds > 0:
-            per_process = self._steady_samples / self._steady_seconds
-        else:
-            per_process = m.samples_per_second or None
+        per_process = self.throughput()
         global_rate = per_process * self.world_size if per_process else None
         flops = global_rate * m.flops_per_sample if global_rate and m.flops_per_sample else None
         peak = m.peak_flops * self.world_size if m.peak_flops else None

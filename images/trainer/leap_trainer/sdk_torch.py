@@ -42,16 +42,23 @@ class CudaClock:
     """Step marks as CUDA events recorded on the current stream (asynchronous); a mark is ready when
     its event has completed (query() does not block); device times between marks. Losses of a window
     are summed on the device and copied to pinned host memory asynchronously; the value is read at a
-    later window once that copy's event has completed, so the loss gauge lags one window."""
+    later window once that copy's event has completed, so the loss gauge lags one window (a window
+    closed with wait=True, at a pause or the end, reads its own). Spent marks are recorded again
+    (release), so a step costs an event record, not an event's creation."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self._pending: list[tuple[torch.Tensor, torch.cuda.Event, int]] = []
+        self._spare: list[torch.cuda.Event] = []
 
     def mark(self) -> torch.cuda.Event:
-        event = torch.cuda.Event(enable_timing=True)
+        event = self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
         event.record()
         return event
+
+    def release(self, marks: list) -> None:
+        """Marks of closed windows (all completed): reused by mark()."""
+        self._spare.extend({id(mark): mark for mark in marks if mark is not None}.values())
 
     def ready(self, mark: torch.cuda.Event) -> bool:
         return mark.query()
@@ -59,13 +66,20 @@ class CudaClock:
     def seconds(self, start: torch.cuda.Event, end: torch.cuda.Event) -> float:
         return start.elapsed_time(end) / 1e3
 
-    def loss(self, values: list) -> float | None:
-        tensors = [v.detach().float().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    def loss(self, values: list, wait: bool = False) -> float | None:
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
         numbers = [float(v) for v in values if v is not None and not isinstance(v, torch.Tensor)]
         if tensors:
-            total = torch.stack(tensors).sum().to("cpu", non_blocking=True)
+            with torch.no_grad():
+                try:   # the usual case, one scalar loss per step: one stack, no per-tensor op
+                    stacked = torch.stack(tensors)
+                except RuntimeError:   # shapes differ: each one's mean
+                    stacked = torch.stack([t.float().mean() for t in tensors])
+                total = stacked.float().sum().to("cpu", non_blocking=True)
             done = torch.cuda.Event()
             done.record()
+            if wait:
+                done.synchronize()
             self._pending.append((total, done, len(tensors)))
         value = None
         while self._pending and self._pending[0][1].query():

@@ -5,8 +5,9 @@ Why it is faster than the textbook DataLoader loop:
   shuffled index tensor (no DataLoader, no per-sample Python, no host->device copies);
 - Adam runs fused (one kernel over all parameters; supported on CPU and CUDA);
 - bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are not faster;
-- no per-step host sync: the loss is summed on the device and read once per reporting
-  window (every ~0.5 s), which is also when Prometheus metrics are updated.
+- no per-step host sync: steps are timed and reported through the reporting SDK's Reporter
+  (leap_trainer.sdk, the API users' programs report through), which reads the losses and the
+  step clocks once per reporting window (every ~0.5 s), when the Prometheus metrics are updated.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import contract as c
 from .collective_wait import CollectiveWait
 from .orchestrator import lr_factor
+from .sdk import REPORT_SECONDS, Reporter
+from .sdk_torch import clock_for
 from .specs import IMAGE_SIDE
-
-REPORT_SECONDS = 0.5     # metrics window: cheap enough to be < 1% of step time, fresh enough for dashboards
 
 
 @dataclass
@@ -162,48 +164,6 @@ def epoch_order(size: int, seed: int, epoch: int, device: torch.device) -> torch
     return torch.randperm(size, generator=generator).to(device)
 
 
-class StepTimer:
-    """Each step's wall time without a per-step host sync.
-
-    CPU: the clock at the end of every step. CUDA: an event recorded on the stream at the end of
-    every step (asynchronous, no sync); the events are read once, when the reporting window closes
-    and the loop waits for the device anyway. Times are the stream's, so idle gaps between
-    kernels (a launch-bound step) are part of a step, as they are of its wall time.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self._marks: list = []
-        self._spare: list = []
-
-    def _mark(self):
-        if not self.cuda:
-            return time.perf_counter()
-        event = self._spare.pop() if self._spare else torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
-
-    def start(self) -> None:
-        """Begin a window (after anything that is not training: evaluation, checkpoint writes)."""
-        self._spare.extend(m for m in self._marks if not isinstance(m, float))
-        self._marks = [self._mark()]
-
-    def step(self) -> None:
-        self._marks.append(self._mark())
-
-    def read(self) -> list[float]:
-        """The window's step times in seconds; starts the next window at the last step's end."""
-        marks = self._marks
-        if self.cuda:
-            marks[-1].synchronize()
-            times = [start.elapsed_time(end) / 1e3 for start, end in zip(marks, marks[1:])]
-            self._spare.extend(marks[:-1])
-        else:
-            times = [end - start for start, end in zip(marks, marks[1:])]
-        self._marks = marks[-1:]
-        return times
-
-
 # --- the loop ----------------------------------------------------------------------------------
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, data: DeviceData, *,
@@ -226,57 +186,22 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         raise ValueError(f"batch size {batch_size} x {world_size} process(es) exceeds the "
                          f"{len(data.x_train)} training samples")
     step = start_step
-    samples = 0
-    train_seconds = 0.0
-    accuracy = last_loss = None
+    accuracy = None
     history: list[tuple[int, float, float]] = []
-    loss_sum = torch.zeros((), device=device)   # summed on the device: no host sync per step
-    window_steps = 0
-    timer = StepTimer(device) if metrics is not None else None   # step times feed the metrics' histogram
-    waits = CollectiveWait.attach(model, device) if metrics is not None else None   # straggler signal
-    started = window_start = time.perf_counter()
-
-    def flush(warmup: bool = False) -> None:
-        """Close the reporting window: the only place the loop waits for the device.
-
-        A warm-up window (the first step: torch.compile, lazy init, allocator) goes to the
-        metrics as it happened but is left out of the throughput this function returns.
-        """
-        nonlocal window_steps, window_start, train_seconds, last_loss, samples
-        if window_steps == 0:
-            return
-        last_loss = (loss_sum / window_steps).item()
-        now = time.perf_counter()
-        seconds = now - window_start
-        if not warmup:
-            train_seconds += seconds
-            samples += window_steps * batch_size
-        step_seconds = timer.read() if timer is not None else None
-        if metrics is not None:
-            compute = sum(step_seconds) - (waits.read() if waits is not None else 0.0)
-            metrics.report(steps=window_steps, samples=window_steps * batch_size, seconds=seconds, loss=last_loss,
-                           step_seconds=step_seconds, compute_seconds=compute)
-            if device.type == "cuda":
-                metrics.set_memory(torch.cuda.memory_allocated(device))
-        loss_sum.zero_()
-        window_steps = 0
-        window_start = time.perf_counter()
-
-    def restart_window() -> None:
-        """After evaluation or a checkpoint write: neither is training time."""
-        nonlocal window_start
-        window_start = time.perf_counter()
-        if timer is not None:
-            timer.start()
+    # The SDK's Reporter closes the windows, as in users' programs: each step's time from the SDK's
+    # clock (CUDA events, no sync), the loss read once per window, the first step a warm-up window.
+    # Without metrics it still keeps the time (FitResult), feeding metrics nobody serves.
+    reporter = Reporter(metrics=metrics, report_seconds=report_seconds)
+    reporter.describe(clock=clock_for(device))
+    if metrics is not None:   # the straggler signal: compute seconds, DDP's all-reduce waits excluded
+        waits = CollectiveWait.attach(model, device)
+        reporter.wait_seconds = waits.read if waits is not None else lambda steps: 0.0   # no DDP: nobody to wait for
+    started = time.perf_counter()
 
     model.train()
-    if metrics is not None:
-        metrics.training_started()
-    if timer is not None:
-        timer.start()
+    reporter.begin()   # the goodput account's start-up ends here
     for epoch in range(step // per_epoch, epochs):
-        if metrics is not None:
-            metrics.set_epoch(epoch + 1)
+        reporter.metrics.set_epoch(epoch + 1)
         shard = epoch_order(len(data.x_train), seed, epoch, device)[rank * shard_size:(rank + 1) * shard_size]
         for i in range(step - epoch * per_epoch, per_epoch):
             indices = shard[i * batch_size:(i + 1) * batch_size]
@@ -290,31 +215,22 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            loss_sum += loss.detach()
-            if timer is not None:
-                timer.step()
             step += 1
-            window_steps += 1
+            reporter.step(batch_size, loss=loss.detach())
             if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
-                flush()
-                save_checkpoint(step, epoch)
-                restart_window()
-            elif step == start_step + 1:
-                flush(warmup=True)
-            elif time.perf_counter() - window_start >= report_seconds:
-                flush()
-        flush()
-        with metrics.timed("evaluate") if metrics is not None else contextlib.nullcontext():
+                with reporter.paused():   # not training; save_checkpoint counts its time as "checkpoint"
+                    save_checkpoint(step, epoch)
+        with reporter.paused(c.ACTIVITY_EVALUATE):
             accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
         history.append((epoch + 1, time.perf_counter() - started, accuracy))
-        if metrics is not None:
-            metrics.set_accuracy(accuracy)
+        reporter.metrics.set_accuracy(accuracy)
         if log is not None:
-            loss_text = f"{last_loss:.4f}" if last_loss is not None else "-"
+            loss_text = f"{reporter.last_loss:.4f}" if reporter.last_loss is not None else "-"
             log(f"epoch {epoch + 1}/{epochs}: step {step}, loss {loss_text}, test accuracy {accuracy:.4f}")
-        restart_window()
         if target_accuracy is not None and accuracy >= target_accuracy:
             break
     if accuracy is None:  # resumed after the last step: nothing to train, still report accuracy
         accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
-    return FitResult(start_step, step, samples, train_seconds, accuracy, last_loss, history)
+    reporter.pause()
+    return FitResult(start_step, step, int(round(reporter.steady_samples)), reporter.steady_seconds, accuracy,
+                     reporter.last_loss, history)
