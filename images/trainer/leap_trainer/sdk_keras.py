@@ -5,7 +5,7 @@ last step, so a group counts its steps at the group's mean time, and the callbac
 step. Keras does not tell callbacks the batch size: it is given (samples per step of this process).
 The loss is Keras' running loss, read once per reporting window. FLOPs per sample are known only
 when given (no FLOP counter here): without them FLOP/s and MFU are absent. The time between two
-fit() calls is no step's (the window pauses at the end of a fit and resumes at the next).
+fit() calls (one per epoch, say) is the loop's own: it counts in the next fit's first step group.
 
 leap-train's Keras workloads use this callback too, with a Reporter of their own (`reporter=`:
 its metrics already know the run's plan, resumed steps and peak, which the callback then leaves
@@ -95,8 +95,6 @@ class KerasCallback(keras.callbacks.Callback):
         steps, epochs = self.params.get("steps"), self.params.get("epochs")
         r.set_total_steps(self.total_steps or (steps * epochs if self._owned and steps and epochs else None))
         r.loss_source = lambda: self._loss
-        if self._fits:
-            r.resume()   # a later fit(): the time since the last one ended is no step's
         r.begin()
         self._fits += 1
 
@@ -116,4 +114,4 @@ class KerasCallback(keras.callbacks.Callback):
         self.reporter.flush(wait=False)   # the epoch's last steps show at once, as leap-train's do
 
     def on_train_end(self, logs=None):
-        self.reporter.pause()
+        self.reporter.flush()
