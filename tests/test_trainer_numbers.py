@@ -303,6 +303,34 @@ def test_fit_reports_one_histogram_observation_per_step():
     assert values[f"{contract.M_STEP_SECONDS}_count"] == 20 == values[contract.M_STEPS]
 
 
+def test_fit_leaves_checkpoint_writes_out_of_step_times_and_train_time():
+    """leap-train's loop pauses its Reporter around a checkpoint write: 4 writes of 0.1 s are in no
+    step of the histogram, not in train seconds, nor in the summary's throughput (FitResult)."""
+    torch.manual_seed(0)
+    model = build_mlp("mlp")
+    x, y = torch.randn(1280, 784), torch.randint(0, 10, (1280,))
+    metrics = worker_metrics(dev.Accelerator("cpu", "fp32"), 1.0)
+    saves = []
+
+    def save(step, epoch):
+        with metrics.timed(contract.ACTIVITY_CHECKPOINT):
+            time.sleep(0.1)
+        saves.append(step)
+
+    began = time.perf_counter()
+    result = fit(model, make_optimizer(model, 1e-3), None, DeviceData(x, y, x[:64], y[:64]), batch_size=64,
+                 epochs=1, metrics=metrics, checkpoint_every=5, save_checkpoint=save)
+    wall = time.perf_counter() - began
+    values = scrape(metrics)
+    name = contract.M_STEP_SECONDS
+    assert saves == [5, 10, 15, 20] and values[f"{name}_count"] == 20 == values[contract.M_STEPS]
+    assert values[f"{name}_bucket{{le=0.1}}"] == 20                       # no step holds a 0.1 s write
+    train = metrics.seconds[contract.ACTIVITY_TRAIN]
+    assert values[f"{name}_sum"] == pytest.approx(train) and train < wall - 0.4
+    assert metrics.seconds[contract.ACTIVITY_CHECKPOINT] >= 0.4 and values[contract.M_COMPUTE_SECONDS] == train
+    assert result.samples == 19 * 64 and 0 < result.train_seconds < train   # the first step: warm-up
+
+
 def test_counters_count_this_process_and_progress_the_run_after_a_resume():
     metrics = TrainingMetrics(run="r", namespace="n", rank=0, framework="pytorch", accelerator="cpu", port=None,
                               flops_per_sample=1.0, peak_flops=None, total_steps=1240, initial_step=620)
