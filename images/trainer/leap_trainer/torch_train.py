@@ -216,7 +216,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             if scheduler is not None:
                 scheduler.step()
             step += 1
-            reporter.step(batch_size, loss=loss.detach())
+            reporter.step(batch_size, loss=loss)   # kept detached, on the device, read once per window
             if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                 with reporter.paused():   # not training; save_checkpoint counts its time as "checkpoint"
                     save_checkpoint(step, epoch)
