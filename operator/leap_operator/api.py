@@ -340,12 +340,38 @@ class Checkpoint(_Model):
     everySteps: int = Field(500, ge=1, le=100_000_000, description="Save a checkpoint every this many optimizer steps.")
 
 
+# Hang detection (operator/leap_operator/stall.py). The threshold is derived from the run's own
+# step times: STALL_STEP_TIME_MULTIPLE x rank 0's mean step time, never below minSeconds.
+STALL_ACTIONS = ("Report", "Restart")
+DEFAULT_STALL_MIN_SECONDS = 300
+STALL_STEP_TIME_MULTIPLE = 10
+MIN_STALL_SECONDS = 5          # the least the schema allows (tests); under a minute risks false alarms
+MAX_STALL_SECONDS = 7 * 86400
+
+
+class StallDetection(_Model):
+    """A run whose optimizer steps stop gets condition Stalled=True (hang detection)."""
+    action: Literal[STALL_ACTIONS] = Field("Report", description=(
+        "Report: condition Stalled=True, a Warning Event, status.reason Stalled and the operator's "
+        "stall gauge (alert LeapTrainingProgressStalled); the run keeps running. Restart: the stalled "
+        "attempt is also restarted as the next attempt (from its last checkpoint; counted in restarts "
+        "and backoffLimit, reason Stalled)."))
+    minSeconds: int = Field(DEFAULT_STALL_MIN_SECONDS, ge=MIN_STALL_SECONDS, le=MAX_STALL_SECONDS, description=(
+        f"Floor of the threshold, which is {STALL_STEP_TIME_MULTIPLE} x rank 0's mean step time "
+        "(leap_train_step_seconds) when that is longer."))
+    timeoutSeconds: int | None = Field(None, ge=MIN_STALL_SECONDS, le=MAX_STALL_SECONDS, description=(
+        "A fixed threshold instead of the derived one: seconds without an optimizer step (pauses the "
+        "trainer announces not counted) before the run is Stalled."))
+
+
 class RunPolicy(_Model):
-    """Restarts, deadlines, cleanup and suspension (may change while running)."""
+    """Restarts, deadlines, cleanup, suspension and hang detection (may change while running)."""
     backoffLimit: int = Field(3, ge=0, le=100, description="Gang restarts (new attempts) after a failed attempt before the run is Failed.")
     activeDeadlineSeconds: int | None = Field(None, ge=1, description="Fail the run (reason DeadlineExceeded) after this many seconds since it started.")
     ttlSecondsAfterFinished: int | None = Field(None, ge=0, description="Delete the run this many seconds after it Succeeded or Failed.")
     suspend: bool = Field(False, description="true removes the pods (the run is Suspended); false resumes it.")
+    stallDetection: StallDetection = Field(default_factory=StallDetection, json_schema_extra={"default": {}},
+                                           description="Hang detection and optional recovery.")
 
 
 class Scheduling(_Model):

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from leap_operator import api, names, opmetrics, progress, render
+from leap_operator import api, names, opmetrics, progress, render, stall
 from leap_operator.config import OperatorConfig
 from leap_operator.kube import Kube, KubeError
 from leap_operator.status import (FAILED_CREATE_RECHECK, compute_status, parse_time, pod_attempt, pod_index,
@@ -75,6 +75,8 @@ class RunState:
     refusals: int = 0                                         # refused creates in a row
     failed_create: str | None = None                          # the Job controller's FailedCreate message
     failed_create_checked: float = -math.inf
+    stall_clock: stall.Clock | None = None                    # hang detection: what the scrapes saw
+    stall_verdict: stall.Verdict | None = None
 
 
 class Controller:
@@ -134,7 +136,8 @@ class Controller:
         decision = compute_status(run, current, pods, _now(), problems=problems,
                                   backoff_base=self.config.backoff_base, backoff_max=self.config.backoff_max,
                                   pods_not_created=not_created, job_outdated=_outdated(current, run, problems),
-                                  workload_inactive=workload is not None and (workload.get("spec") or {}).get("active") is False)
+                                  workload_inactive=workload is not None and (workload.get("spec") or {}).get("active") is False,
+                                  stall_verdict=state.stall_verdict)
 
         # Persist first: the attempt number must be durable before its Job exists. A "create"
         # decision never changes the attempt (restarts persist the new one first), so its status
@@ -145,6 +148,10 @@ class Controller:
             return None  # the run is gone
         state.phase = decision.status.get("phase")
         opmetrics.set_phase((namespace, name), state.phase)
+        verdict = state.stall_verdict
+        opmetrics.set_stalled((namespace, name), verdict.since.timestamp() if (
+            verdict is not None and verdict.stalled and state.phase == "Running"
+            and verdict.attempt == int(decision.status.get("attempt") or attempt)) else None)
         if decision.action == "restart":
             opmetrics.RESTARTS.inc()
 
@@ -211,6 +218,7 @@ class Controller:
         await self._delete_if_ours("v1", "services", namespace, render.service_name(name), uid)
         self.runs.pop((namespace, name), None)
         opmetrics.set_phase((namespace, name), None)
+        opmetrics.set_stalled((namespace, name), None)
         logger.info("deleted the children of %s", name)
 
     async def _persist(self, raw: dict, run: dict, state: "RunState", decision: Any, logger: logging.Logger) -> bool:
@@ -320,13 +328,18 @@ class Controller:
         try:
             async with self._http.get(url) as response:
                 text = await response.text()
-            rank0 = progress.progress_from_metrics_text(text)
+            samples = progress.parse_samples(text)
+            rank0 = progress.progress_from_samples(samples)
+            observation = stall.observe(samples, rank0.get("step"))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             logger.debug("scraping %s failed: %r", url, exc)
+            rank0, observation = None, stall.SILENT  # a silent worker has not stepped either
+        state = self.state(namespace, name)
+        self._watch_steps(state, raw, spec, attempt, observation)
+        if rank0 is None:
             return
         world = api.resolved_workers(spec) * api.resolved_procs_per_worker(spec)
         new = progress.run_progress(rank0, world)
-        state = self.state(namespace, name)
         old = state.progress if state.progress is not None else {
             k: v for k, v in (status.get("progress") or {}).items() if k != "updateTime"}
         if new and new != old:
@@ -334,6 +347,20 @@ class Controller:
             if await self.kube.patch(names.API_VERSION, names.PLURAL, namespace, name,
                                      {"status": new_status}, subresource="status") is not None:
                 state.progress = new
+
+
+    def _watch_steps(self, state: RunState, raw: dict, spec: dict, attempt: int,
+                     observation: stall.Observation) -> None:
+        """Hang detection (stall.py): fold in one scrape; wake the reconcile when the verdict
+        differs from what the run's Stalled condition says."""
+        now = _now()
+        state.stall_clock = stall.advance(state.stall_clock, observation, attempt, now)
+        policy = (spec.get("runPolicy") or {}).get("stallDetection") or {}
+        verdict = stall.judge(state.stall_clock, policy, now, self.config.progress_interval)
+        state.stall_verdict = verdict
+        shown = stall.is_stalled(((state.status if state.status is not None else raw.get("status")) or {}).get("conditions"))
+        if verdict is not None and verdict.stalled != shown:
+            state.wake.set()
 
 
 def _outdated(job: dict | None, run: dict, problems: list) -> bool:

@@ -1,7 +1,7 @@
 """The operator's own metrics on /metrics (prometheus_client, a registry of its own).
 
 Names come from leap_operator.names: reconciles by result, reconcile latency, runs by phase,
-gang restarts, Kubernetes API errors by verb and resource; plus the process collector (RSS,
+gang restarts, Kubernetes API errors by verb and resource, stalled runs (hang detection); plus the process collector (RSS,
 CPU, open files) so the operator's footprint is visible next to its work.
 """
 
@@ -30,7 +30,13 @@ API_ERRORS = Counter(names.OM_API_ERRORS.removesuffix("_total"),
                      "Failed Kubernetes API requests (errors and retries), by verb and resource.",
                      ["verb", "resource"], registry=REGISTRY)
 
+RUN_STALLED = Gauge(names.OM_RUN_STALLED,
+                    "Unix time of the last optimizer step of a TrainingRun the operator calls Stalled "
+                    "(condition Stalled=True while Running); present only while it is stalled.",
+                    ["namespace", "run"], registry=REGISTRY)
+
 _phases: dict[tuple[str, str], str] = {}
+_stalled: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 for _phase in api.PHASES:
     RUNS.labels(_phase).set(0)
@@ -47,6 +53,18 @@ def set_phase(key: tuple[str, str], phase: str | None) -> None:
             RUNS.labels(phase).inc()
         if before is not None:
             RUNS.labels(before).dec()
+
+
+def set_stalled(key: tuple[str, str], since: float | None) -> None:
+    """A run is stalled since the Unix time `since` (None: it is not; its series goes away, so
+    the gauge has a series per stalled run only)."""
+    with _lock:
+        if since is not None:
+            RUN_STALLED.labels(*key).set(since)
+            _stalled.add(key)
+        elif key in _stalled:
+            _stalled.discard(key)
+            RUN_STALLED.remove(*key)
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

@@ -73,6 +73,16 @@ M_ETA = "leap_train_eta_seconds"                    # gauge
 M_EPOCH = "leap_train_epoch"                        # gauge
 M_TOTAL_STEPS = "leap_train_total_steps"            # gauge: steps planned for the whole run
 M_ACCEL_MEMORY = "leap_accelerator_memory_bytes"    # gauge
+M_ACTIVITY = "leap_train_activity"                  # gauge {activity}: 1 for what the process does now, else 0
+
+# What a training process is doing (the `activity` label of M_ACTIVITY). The operator's stall
+# detection (operator/leap_operator/stall.py) does not count a pause the process announces as a
+# stall: time before the first step, evaluation, checkpoint saves, the work after the last step.
+ACTIVITY_LABEL = "activity"
+A_STARTING, A_TRAINING, A_EVALUATING, A_CHECKPOINTING, A_FINISHING = (
+    "starting", "training", "evaluating", "checkpointing", "finishing")
+ACTIVITIES = (A_STARTING, A_TRAINING, A_EVALUATING, A_CHECKPOINTING, A_FINISHING)
+PAUSE_ACTIVITIES = (A_STARTING, A_EVALUATING, A_CHECKPOINTING, A_FINISHING)
 
 # Description of each metric: used for HELP text and the metrics reference in the docs.
 TRAIN_METRICS: dict[str, tuple[str, str]] = {
@@ -89,6 +99,8 @@ TRAIN_METRICS: dict[str, tuple[str, str]] = {
     M_EPOCH: ("gauge", "Current epoch, 1-based."),
     M_TOTAL_STEPS: ("gauge", "Optimizer steps planned for the whole run."),
     M_ACCEL_MEMORY: ("gauge", "Accelerator memory in use by this rank, in bytes."),
+    M_ACTIVITY: ("gauge", "What this process does now: 1 for its activity (starting, training, evaluating, "
+                          "checkpointing, finishing), 0 for the others; the operator does not call a pause it announces a stall."),
 }
 
 # --- Exit codes -------------------------------------------------------------------------------

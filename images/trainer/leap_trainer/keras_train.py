@@ -315,7 +315,8 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
     callbacks = [MetricsReporter(run.metrics, clock, memory_device=memory_device(run.plan))]
     if checkpoints:
         callbacks.append(CheckpointSaver(checkpoints, every_steps=run.args.checkpoint_every or 0,
-                                         steps_per_epoch=run.steps_per_epoch, is_chief=run.plan.is_chief))
+                                         steps_per_epoch=run.steps_per_epoch, is_chief=run.plan.is_chief,
+                                         metrics=run.metrics))
     began = time.perf_counter()
     first_epoch, into_epoch = divmod(resumed, run.steps_per_epoch)
     losses: list[float] = []

@@ -55,6 +55,7 @@ class TrainingMetrics:
         self.epoch = 0
         self.memory_bytes: float | None = None
         self.eta_seconds: float | None = None
+        self.activity = c.A_STARTING      # contract.ACTIVITIES: what the process does now
         self._bucket_counts = [0] * (len(STEP_SECONDS_BUCKETS) + 1)   # last one is +Inf
         self._step_seconds_sum = 0.0
         self._lock = threading.Lock()      # report() and collect() from different threads
@@ -87,6 +88,7 @@ class TrainingMetrics:
             return
         mean_step = seconds / steps
         with self._lock:
+            self.activity = c.A_TRAINING   # steps were just taken
             self.steps += steps
             self.samples += samples
             if seconds > 0:
@@ -103,6 +105,14 @@ class TrainingMetrics:
                 self._bucket_counts[bisect.bisect_left(STEP_SECONDS_BUCKETS, mean_step)] += steps
                 self._step_seconds_sum += seconds
 
+    def set_activity(self, activity: str) -> None:
+        """Say what the process does now (contract.ACTIVITIES). Announcing a pause (evaluating,
+        checkpointing, finishing) keeps the operator from calling the pause a stall; report() says
+        `training` by itself (steps were just taken)."""
+        if activity not in c.ACTIVITIES:
+            raise ValueError(f"activity {activity!r} is not one of {', '.join(c.ACTIVITIES)}")
+        self.activity = activity
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -117,6 +127,7 @@ class TrainingMetrics:
         with self._lock:
             self.initial_step = max(self.initial_step, self.total_steps - self.steps)
             self.eta_seconds = 0.0
+            self.activity = c.A_FINISHING
 
     def close(self) -> None:
         if self._server is not None:
@@ -173,3 +184,7 @@ class TrainingMetrics:
             yield gauge(c.M_TOTAL_STEPS, self.total_steps)
             if self.memory_bytes is not None:
                 yield gauge(c.M_ACCEL_MEMORY, self.memory_bytes)
+            activity = GaugeMetricFamily(c.M_ACTIVITY, help_of[c.M_ACTIVITY], labels=[*names, c.ACTIVITY_LABEL])
+            for one in c.ACTIVITIES:
+                activity.add_metric([*values, one], 1.0 if one == self.activity else 0.0)
+            yield activity

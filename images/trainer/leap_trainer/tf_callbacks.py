@@ -11,6 +11,7 @@ import time
 
 import keras
 
+from leap_trainer import contract
 from leap_trainer.tf_checkpoint import PhaseCheckpoints
 
 
@@ -96,10 +97,18 @@ class MetricsReporter(keras.callbacks.Callback):
         self.clock.steps = optimizer_steps(self.model)
         self._report(time.perf_counter(), logs)
 
+    # Evaluation inside fit() (validation_data) is a pause the process announces: not a stall.
+    def on_test_begin(self, logs=None):
+        self.metrics.set_activity(contract.A_EVALUATING)
+
+    def on_test_end(self, logs=None):
+        self.metrics.set_activity(contract.A_TRAINING)
+
     def on_train_end(self, logs=None):
         self.clock.steps = optimizer_steps(self.model)
         self.clock.end_time = time.perf_counter()
         self._report(self.clock.end_time, logs)
+        self.metrics.set_activity(contract.A_FINISHING)
 
     def _report(self, now: float, logs) -> None:
         steps = self.clock.steps - self._last_steps
@@ -132,9 +141,11 @@ class CheckpointSaver(keras.callbacks.Callback):
     is due, so the step counter is read only when saving. Only the chief worker writes.
     """
 
-    def __init__(self, checkpoints: PhaseCheckpoints, *, every_steps: int, steps_per_epoch: int, is_chief: bool):
+    def __init__(self, checkpoints: PhaseCheckpoints, *, every_steps: int, steps_per_epoch: int, is_chief: bool,
+                 metrics=None):
         super().__init__()
         self.checkpoints = checkpoints
+        self.metrics = metrics  # TrainingMetrics: a save is a pause the process announces
         self.every_steps = max(0, int(every_steps or 0))
         self.steps_per_epoch = steps_per_epoch
         self.is_chief = is_chief
@@ -159,6 +170,10 @@ class CheckpointSaver(keras.callbacks.Callback):
             self._save(steps)
 
     def _save(self, steps: int) -> None:
+        if self.metrics is not None:
+            self.metrics.set_activity(contract.A_CHECKPOINTING)
         if self.is_chief:
             self.checkpoints.save(self.model, step=steps, epoch=steps // self.steps_per_epoch)
         self._last_saved = steps
+        if self.metrics is not None:
+            self.metrics.set_activity(contract.A_TRAINING)

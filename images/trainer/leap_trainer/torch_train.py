@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import contract
 from .orchestrator import lr_factor
 from .specs import IMAGE_SIDE
 
@@ -259,6 +260,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         window_steps = 0
         window_start = time.perf_counter()
 
+    def announce(activity: str) -> None:
+        """Say what the loop does now: a pause it announces is not a stall (operator/stall.py)."""
+        if metrics is not None:
+            metrics.set_activity(activity)
+
     def restart_window() -> None:
         """After evaluation or a checkpoint write: neither is training time."""
         nonlocal window_start
@@ -267,6 +273,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             timer.start()
 
     model.train()
+    announce(contract.A_STARTING)   # until the first step: compilation, lazy init
     if timer is not None:
         timer.start()
     for epoch in range(step // per_epoch, epochs):
@@ -292,14 +299,18 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             window_steps += 1
             if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                 flush()
+                announce(contract.A_CHECKPOINTING)
                 save_checkpoint(step, epoch)
+                announce(contract.A_TRAINING)
                 restart_window()
             elif step == start_step + 1:
                 flush(warmup=True)
             elif time.perf_counter() - window_start >= report_seconds:
                 flush()
         flush()
+        announce(contract.A_EVALUATING)
         accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
+        announce(contract.A_TRAINING)
         history.append((epoch + 1, time.perf_counter() - started, accuracy))
         if metrics is not None:
             metrics.set_accuracy(accuracy)
@@ -309,6 +320,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         restart_window()
         if target_accuracy is not None and accuracy >= target_accuracy:
             break
+    announce(contract.A_FINISHING)   # this phase's steps are done: saves, the next phase's set-up
     if accuracy is None:  # resumed after the last step: nothing to train, still report accuracy
         accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
     return FitResult(start_step, step, samples, train_seconds, accuracy, last_loss, history)
