@@ -221,3 +221,34 @@ def test_set_condition_is_the_one_status_uses():
     # stall.apply takes status.set_condition: a Stalled condition keeps its transition time.
     conds = stall.apply([], verdict(True), set_condition, at(75))
     assert stall.apply(conds, verdict(True), set_condition, at(90))[0]["lastTransitionTime"] == "2026-01-01T12:01:15Z"
+
+
+def test_the_torch_loop_announces_its_checkpoint_saves_and_evaluations():
+    """The built-in PyTorch loop's pauses, read from its real metrics page while they happen."""
+    torch = pytest.importorskip("torch")
+    from leap_trainer.torch_train import DeviceData, fit, make_optimizer
+
+    trainer = Trainer(total_steps=20)
+    seen: dict[str, list] = {"checkpoint": [], "evaluation": []}
+
+    class Probe(torch.nn.Module):  # a real model that reads the page whenever it is evaluated
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(784, 10)
+
+        def forward(self, x):
+            if not self.training:
+                seen["evaluation"].append(trainer.scrape().activity)
+            return self.net(x)
+
+    def save(step: int, epoch: int) -> None:
+        seen["checkpoint"].append(trainer.scrape().activity)
+
+    x, y = torch.randn(640, 784), torch.randint(0, 10, (640,))
+    model = Probe()
+    fit(model, make_optimizer(model, 1e-3), None, DeviceData(x, y, x[:64], y[:64]), batch_size=64, epochs=2,
+        metrics=trainer.metrics, checkpoint_every=5, save_checkpoint=save)
+    assert seen["checkpoint"] == [contract.A_CHECKPOINTING] * 4   # 2 epochs x 10 steps, every 5
+    assert seen["evaluation"] == [contract.A_EVALUATING] * 2      # once per epoch
+    after = trainer.scrape()
+    assert after.activity == contract.A_FINISHING and after.process_steps == 20

@@ -15,8 +15,9 @@ Shape of the controller (level-triggered, one reconcile loop per run):
   last-handled-configuration annotation on every run it creates or resumes (one more write per
   run, and a write to every run at each operator start).
 - While the run is Running, the same loop scrapes rank 0's /metrics every progress_interval and
-  writes status.progress. (Not a kopf timer: at 1,000 running runs, kopf's per-call machinery
-  for 200 timer calls a second took more CPU than all the reconciling; bench/operator_scale.py.)
+  writes status.progress; the same scrapes feed hang detection (stall.py: condition Stalled).
+  (Not a kopf timer: at 1,000 running runs, kopf's per-call machinery for 200 timer calls a
+  second took more CPU than all the reconciling; bench/operator_scale.py.)
 Job names are deterministic (<run>-a<attempt>) and the attempt is written to status before its
 Job is created, so neither a crash nor a retry can create two Jobs for one attempt.
 """
@@ -347,7 +348,6 @@ class Controller:
             if await self.kube.patch(names.API_VERSION, names.PLURAL, namespace, name,
                                      {"status": new_status}, subresource="status") is not None:
                 state.progress = new
-
 
     def _watch_steps(self, state: RunState, raw: dict, spec: dict, attempt: int,
                      observation: stall.Observation) -> None:

@@ -1,8 +1,8 @@
 """The operator's own metrics on /metrics (prometheus_client, a registry of its own).
 
 Names come from leap_operator.names: reconciles by result, reconcile latency, runs by phase,
-gang restarts, Kubernetes API errors by verb and resource, stalled runs (hang detection); plus the process collector (RSS,
-CPU, open files) so the operator's footprint is visible next to its work.
+gang restarts, Kubernetes API errors by verb and resource, stalled runs (hang detection); plus
+the process collector (RSS, CPU, open files) so the operator's footprint is visible next to its work.
 """
 
 from __future__ import annotations
