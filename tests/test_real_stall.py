@@ -118,7 +118,7 @@ def test_a_hung_worker_with_action_restart_resumes_from_its_checkpoint_and_succe
     assert restarted["attempt"] == 2 and restarted["reason"] in ("Stalled", "WorkersActive", "PodsStarting",
                                                                   "JobCreated"), restarted
     warnings = [e for e in cluster.events(ns, NAME) if e["type"] == "Warning" and e["reason"] == "Stalled"]
-    assert len(warnings) == 1 and "attempt 1 took no optimizer step since step" in warnings[0]["message"], warnings
+    assert len(warnings) == 1 and "attempt 1 failed (no optimizer step since step" in warnings[0]["message"], warnings
     assert "restart 1/2 as attempt 2" in warnings[0]["message"], warnings
     wait_for(lambda: cluster.phase(ns, NAME) == "Succeeded", 300, 0.5, "Succeeded")
     st = status(cluster, ns)

@@ -187,7 +187,7 @@ def test_restart_a_stalled_attempt_is_restarted_through_the_normal_restart_path(
     d = compute_status(run, job(**RUNNING), PODS, at(75), stall_verdict=verdict(True, restart=True))
     assert d.action == "restart" and d.status["phase"] == "Restarting" and d.status["reason"] == "Stalled"
     assert d.status["attempt"] == 2 and d.status["restarts"] == 1
-    assert "took no optimizer step since step 200" in d.status["message"]
+    assert d.status["message"].startswith("attempt 1 failed (no optimizer step since step 200 at 2026-01-01T12:00:10Z")
     stalled = get_condition(d.status["conditions"], "Stalled")
     assert stalled["status"] == "False" and stalled["reason"] == "Restarted"
     assert [(t, r) for t, r, _ in d.events] == [("Warning", "Stalled")]

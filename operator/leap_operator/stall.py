@@ -117,12 +117,16 @@ class Verdict:
     restart: bool                  # spec action Restart
 
     @property
-    def message(self) -> str:
+    def detail(self) -> str:
+        """What was seen, without the attempt: "no optimizer step since step 500 at ... (threshold ...)"."""
         step = f"step {self.step}" if self.step is not None else "its last step"
         if self.stalled:
-            return (f"attempt {self.attempt} took no optimizer step since {step} at {_fmt(self.since)} "
-                    f"(threshold {self.threshold:g}s: {self.source})")
-        return f"attempt {self.attempt} steps again ({step} at {_fmt(self.since)})"
+            return f"no optimizer step since {step} at {_fmt(self.since)} (threshold {self.threshold:g}s: {self.source})"
+        return f"steps again ({step} at {_fmt(self.since)})"
+
+    @property
+    def message(self) -> str:
+        return f"attempt {self.attempt} took {self.detail}" if self.stalled else f"attempt {self.attempt} {self.detail}"
 
 
 def threshold(policy: dict, mean_step_seconds: float | None, scrape_interval: float) -> tuple[float, str]:

@@ -375,7 +375,7 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     job_suspended = bool((job.get("spec") or {}).get("suspend"))
     failure = attempt_failure(job, pods) if not job_suspended or _job_condition(job, "Failed") else None
     if failure is None and not job_suspended and verdict is not None and verdict.stalled and verdict.restart:
-        failure = (stall.R_STALLED, verdict.message)  # runPolicy.stallDetection.action Restart
+        failure = (stall.R_STALLED, verdict.detail)  # runPolicy.stallDetection.action Restart
         conds = stall.apply(conds, verdict, set_condition, now)
     if failure:
         why, detail = failure
