@@ -91,6 +91,17 @@ DATASOURCE_VAR = {
     "current": {}, "hide": 0, "refresh": 1, "regex": "",
 }
 
+
+def own_pace(window: str, selector: str = "") -> str:
+    """Each rank's own training pace: its samples over its own compute seconds (time waiting for the
+    other ranks in the all-reduce excluded: in synchronous data parallelism every rank's samples/s
+    equal the slowest's). A program that exports no compute seconds (TensorFlow, a user's program)
+    falls back to its samples/s. One series per (namespace, run, rank)."""
+    samples = f"sum by (namespace, run, rank) (rate({c.M_SAMPLES}{selector}[{window}]))"
+    compute = f"sum by (namespace, run, rank) (rate({c.M_COMPUTE_SECONDS}{selector}[{window}]))"
+    return f"{samples}\n  / {compute}\n  or {samples}"
+
+
 TRAINING = Dashboard(
     uid="leap-training-runs",
     title="Leap / Training runs",
@@ -120,8 +131,17 @@ TRAINING = Dashboard(
               unit="short", description="Samples per second per run (sum over ranks)."),
         Panel("Throughput per rank", [(f"sum by (run, rank) ({c.M_SAMPLES_PER_SECOND}{{{SEL}}})",
                                        "{{run}} rank {{rank}}")],
-              unit="short", description="Samples per second each rank measured over its last reporting window: "
-                                        "a straggler shows as one low line."),
+              unit="short", description="Samples per second each rank measured over its last reporting window. "
+                                        "In synchronous data parallelism every rank waits for the slowest, so the "
+                                        "lines are equal: a straggler shows in 'Slowest rank vs median'."),
+        Panel("Slowest rank vs median", [
+            (f"bottomk by (namespace, run) (1,\n  {own_pace(RATE, '{' + SEL + '}')}\n)", "{{run}} slowest: rank {{rank}}"),
+            (f"quantile by (namespace, run) (0.5,\n  {own_pace(RATE, '{' + SEL + '}')}\n)", "{{run}} median rank"),
+        ], unit="short",
+              description="Each run's slowest rank against its median rank, in samples per second of the rank's own "
+                          "compute time (waiting for the other ranks excluded; samples/s where a program exports no "
+                          "compute time). In synchronous data parallelism every rank's samples/s are equal: this "
+                          "is where a straggler shows. LeapTrainingStragglerRank fires below 0.8x the median."),
         Panel("FLOP/s per run", [(f"sum by (namespace, run) ({c.M_FLOPS_PER_SECOND}{{{SEL}}})",
                                   "{{namespace}}/{{run}}")],
               unit="flops", description="Achieved model FLOP/s per run (sum over ranks)."),
@@ -148,14 +168,27 @@ TRAINING = Dashboard(
               unit="short", description="Optimizer steps per second per run (sum over ranks)."),
         Panel("Epoch", [(f"max by (namespace, run) ({c.M_EPOCH}{{{SEL}}})", "{{namespace}}/{{run}}")],
               decimals=0, description="Current epoch (1-based)."),
-        Panel("Ranks by activity", [(f"sum by (namespace, run, {c.ACTIVITY_LABEL}) ({c.M_ACTIVITY}{{{SEL}}})",
-                                     "{{run}} {{" + c.ACTIVITY_LABEL + "}}")],
-              decimals=0, description="Ranks starting, training, evaluating, checkpointing or finishing "
-                                      "(pauses a trainer announces are not stalls)."),
+        Panel("Ranks by activity", [(f"sum by (namespace, run, {c.TIME_LABEL}) ({c.M_ACTIVITY}{{{SEL}}})",
+                                     "{{run}} {{" + c.TIME_LABEL + "}}")],
+              decimals=0, description="Ranks in startup, restore, checkpoint, train or evaluate now "
+                                      "(any but train is a pause the trainer announced, not a stall)."),
         Panel("Accelerator memory", [(f"sum by (run, rank) ({c.M_ACCEL_MEMORY}{{{SEL}}})", "{{run}} rank {{rank}}")],
               unit="bytes", description="Accelerator memory in use per rank.",
               may_be_empty="leap_accelerator_memory_bytes is only reported where an accelerator is present "
                            "(no GPU/TPU in a CPU run)."),
+        Panel("Goodput", [(f'max by (namespace, run) ({names.OM_GOODPUT_RATIO}{{{SEL}}})', "{{namespace}}/{{run}}")],
+              unit="percentunit", max=1,
+              description="Productive training seconds over wall seconds per run (status.goodput.ratio, from the "
+                          "operator); its parts are leap_operator_run_goodput_seconds{part=...}."),
+        Panel("Time by activity (rank 0)", [
+            (f'sum by (namespace, run, activity) (rate({c.M_TIME}{{{SEL}, rank="0"}}[{RATE}]))',
+             "{{run}} {{activity}}"),
+        ], unit="percentunit", max=1,
+              description="Share of wall time rank 0 spends on each activity (startup, restore, checkpoint, "
+                          "train, evaluate): the trainer's side of the goodput account."),
+        Panel("Resumed from step", [(f"max by (namespace, run) ({c.M_RESUMED_STEP}{{{SEL}}})", "{{namespace}}/{{run}}")],
+              decimals=0, description="The run's step the current attempt started at (0: a fresh start; after a "
+                                      "restart, its checkpoint)."),
         Panel("Restarts", [(f"sum(increase({names.OM_RESTARTS}[$__range]))", "gang restarts")],
               decimals=0, description="Gang restarts the operator performed in the time range, all runs "
                                       "(the operator counts them; every restart resumes from the last checkpoint)."),
@@ -285,6 +318,26 @@ ALERT_GROUPS = [
                     "summary": "TrainingRun {{ $labels.namespace }}/{{ $labels.run }} runs at less than half its own recent throughput.",
                     "description": "Samples/s over the last 5 minutes are {{ $value | humanize }}, under half of "
                                    "the run's rate over the hour before (a straggler, throttling, or contention).",
+                },
+            },
+            {
+                "alert": "LeapTrainingStragglerRank",
+                "expr": (f"(\n  {own_pace('5m')}\n)\n"
+                         f"/ on ({RUN_LABELS}) group_left ()\n"
+                         f"quantile by ({RUN_LABELS}) (0.5,\n  {own_pace('5m')}\n)\n"
+                         f"< 0.8\n"
+                         f"and on ({RUN_LABELS}, rank)\n"
+                         f"sum by ({RUN_LABELS}, rank) ({c.M_SAMPLES} offset 10m)"),
+                "for": "5m",
+                "labels": {"severity": "warning"},
+                "annotations": {
+                    "summary": "Rank {{ $labels.rank }} of TrainingRun {{ $labels.namespace }}/{{ $labels.run }} "
+                               "is a straggler.",
+                    "description": "Over 5 minutes rank {{ $labels.rank }} trained at {{ $value | humanizePercentage }} "
+                                   "of the pace of the run's median rank (samples per second of its own compute "
+                                   "time, waiting for the other ranks excluded). Every rank of a synchronous run "
+                                   "waits for it: a slow or throttled node, a shared or degraded device, a noisy "
+                                   "neighbour.",
                 },
             },
         ],

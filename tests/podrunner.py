@@ -290,7 +290,7 @@ class PodRunner:
         meta = pod["metadata"]
         index = int((meta.get("annotations") or {}).get(contract.JOB_COMPLETION_INDEX_ANNOTATION, "0"))
         home = self.workdir / record.namespace / record.name
-        home.mkdir(parents=True, exist_ok=True)  # with a claim, the checkpoint directory is elsewhere
+        home.mkdir(parents=True, exist_ok=True)
         checkpoints = self._checkpoint_dir(pod, home)
         rank0 = self._rank0_ip(pod) or record.ip
 

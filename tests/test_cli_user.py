@@ -177,6 +177,31 @@ def test_leap_train_exits_with_the_config_code_naming_spec_fields_in_a_training_
     assert "--" not in line and "usage:" not in in_run.stderr
 
 
+@pytest.mark.skipif(LEAP_TRAIN is None, reason="leap-train is not installed beside this Python")
+@pytest.mark.parametrize("framework", ["pytorch", "tensorflow"])
+def test_an_unusable_npz_dataset_is_a_configuration_error_naming_what_is_wrong(tmp_path, framework):
+    """A file that is no .npz, or holds images of the wrong size or labels out of range: retrying
+    cannot help, so leap-train exits with the config code and one line saying what to fix."""
+    import numpy as np
+
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip archive at all")
+    small = tmp_path / "small-images.npz"
+    rng = np.random.default_rng(0)
+    np.savez(small, images=rng.integers(0, 255, (50, 8, 8), dtype=np.uint8), labels=rng.integers(0, 10, 50))
+    labels = tmp_path / "bad-labels.npz"
+    np.savez(labels, images=rng.integers(0, 255, (50, 28, 28), dtype=np.uint8), labels=np.arange(50))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEAP_")}
+    for path, says in ((garbage, "is not a readable .npz file"), (small, "64 features per sample"),
+                       (labels, "labels must be classes 0 to 9")):
+        done = subprocess.run([LEAP_TRAIN, "--framework", framework, "--dataset", str(path), "--epochs", "1"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == EXIT_CONFIG, (path, done.returncode, done.stderr[-2000:])
+        line = one_error_line("\n".join(l for l in done.stderr.splitlines() if l.startswith(contract.CONFIG_ERROR_PREFIX)))
+        assert says in line and str(path) in line, line
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_leap_run_fails_at_once_on_a_configuration_error(tmp_path):
     name = unique_name("cfg")
     try:

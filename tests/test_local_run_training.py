@@ -134,3 +134,46 @@ def test_a_gpu_run_on_a_machine_without_one_says_so_in_one_line_and_trains_on_cp
     assert notes == ["note: no NVIDIA GPU usable here: running on CPU (gloo instead of NCCL)"]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["device"].startswith("CPU") and summary["steps"] > 0
+
+
+def test_goodput_of_a_run_restarted_once_shows_the_lost_work_and_the_restore_and_adds_up(tmp_path):
+    # One worker of the larger MLP, checkpoints every 600 steps (seconds apart); it is killed once after its first checkpoint and the
+    # next attempt resumes. Independent measures: the wall clock around `leap run`, the checkpoint
+    # interval x the step time measured by the trainer's own histogram (its summary's throughput).
+    import time
+
+    from leap_operator.goodput import PARTS
+
+    name = unique_name("goodput")
+    workdir = tmp_path / "run"
+    began = time.time()
+    proc = start_leap("run", str(EXAMPLES / "mnist-cpu.yaml"), "--workdir", str(workdir),
+                      "--set", f"metadata.name={name}", "--set", "spec.workload.epochs=30",
+                      "--set", "spec.workload.model=mlp-large", "--set", "spec.checkpoint.everySteps=600")
+    try:
+        wait_for(lambda: (workdir / "checkpoints" / "latest.pt").exists(), 180, "the first checkpoint", proc)
+        first_checkpoint = (workdir / "checkpoints" / "latest.pt").stat().st_mtime
+        time.sleep(1.5)   # a scrape or two (every 1 s) after the checkpoint: steps that will be redone
+        os.kill(int((workdir / "attempt-1" / "worker-0.pid").read_text()), signal.SIGKILL)
+        killed = time.time()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        kill_run(name)
+    wall_clock = time.time() - began
+    assert proc.returncode == 0, out + err
+    summary = json.loads((workdir / "summary.json").read_text())
+    record = summary["goodput"]
+    assert summary["attempts"] == 2 and summary["resumed_from_step"] > 0
+    parts = {part: record[f"{part}Seconds"] for part in PARTS}
+    assert sum(parts.values()) == pytest.approx(record["wallSeconds"], abs=0.01)
+    assert 0 < record["wallSeconds"] <= wall_clock
+    assert all(value >= 0 for value in parts.values())
+    # Redone steps were taken after attempt 1's last checkpoint (no earlier than its first) and before the kill.
+    assert 0 < parts["lost"] <= killed - first_checkpoint
+    assert parts["restore"] > 0 and parts["restarting"] > 0 and parts["startup"] > 0
+    assert parts["checkpoint"] > 0 and parts["productive"] > 0
+    assert record["ratio"] == pytest.approx(parts["productive"] / record["wallSeconds"], abs=1e-3)
+    line = next(line for line in out.splitlines() if line.startswith("goodput "))
+    assert line.startswith(f"goodput {100 * record['ratio']:.1f}% of {record['wallSeconds']:.1f}s: ")
+    assert f"lost {parts['lost']:.1f}s" in line and f"restore {parts['restore']:.1f}s" in line

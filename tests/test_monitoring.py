@@ -105,7 +105,8 @@ def test_alerts_use_only_exported_metrics_and_carry_severity_and_text():
         assert rule["labels"]["severity"] in {"warning", "critical"}
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
     assert {"LeapTrainingRunFailed", "LeapTrainingProgressStalled", "LeapTrainingThroughputDropped",
-            "LeapOperatorDown", "LeapOperatorReconcileErrors", "LeapOperatorAPIErrors"} == set(alerts())
+            "LeapTrainingStragglerRank", "LeapOperatorDown", "LeapOperatorReconcileErrors",
+            "LeapOperatorAPIErrors"} == set(alerts())
 
 
 # --- dashboards -------------------------------------------------------------------------------

@@ -84,6 +84,10 @@ import sys, time
 from leap_operator import opmetrics as m
 m.set_phase(("ml-team", "e2e-mnist"), "Running")
 m.set_phase(("ml-team", "broken"), "Failed")
+from leap_operator import goodput
+m.set_goodput(("ml-team", "e2e-mnist"), goodput.account(0.0, 60.0, [{"created": 1.0, "running": 3.0, "ended": 60.0,
+    "seconds": {"startup": 4.0, "restore": 0.0, "checkpoint": 1.0, "train": 50.0, "evaluate": 1.0},
+    "resumedStep": 0, "steps": 500}]))
 for result, n in (("success", 40), ("error", 2)):
     for _ in range(n):
         m.RECONCILES.labels(result).inc()
@@ -258,8 +262,8 @@ def test_alert_rules_run_in_prometheus_against_real_metrics(live):
     loaded = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(loaded) == set(alerts())
     assert all(r["health"] != "err" for r in loaded.values()), {n: r.get("lastError") for n, r in loaded.items()}
-    for name in ("LeapTrainingProgressStalled", "LeapTrainingThroughputDropped", "LeapOperatorDown",
-                 "LeapOperatorAPIErrors"):
+    for name in ("LeapTrainingProgressStalled", "LeapTrainingThroughputDropped", "LeapTrainingStragglerRank",
+                 "LeapOperatorDown", "LeapOperatorAPIErrors"):
         assert loaded[name]["state"] == "inactive", loaded[name]
 
 

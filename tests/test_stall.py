@@ -54,17 +54,22 @@ def watch(trainer: Trainer | None, clock, seconds: float, policy=POLICY, attempt
 def test_a_real_metrics_page_gives_the_process_steps_mean_step_time_and_activity():
     trainer = Trainer(initial_step=400)
     seen = trainer.scrape()
-    assert seen.answered and seen.process_steps == 0 and seen.activity == contract.A_STARTING
+    assert seen.answered and seen.process_steps == 0 and seen.activity == contract.ACTIVITY_STARTUP
     assert seen.mean_step_seconds is None  # no step yet: unknown, not 0
+    with trainer.metrics.timed(contract.ACTIVITY_RESTORE):   # a restore during start-up, then start-up again
+        assert trainer.scrape().activity == contract.ACTIVITY_RESTORE
+    assert trainer.scrape().activity == contract.ACTIVITY_STARTUP
     trainer.steps(10, 0.25)
     trainer.steps(10, 0.75)
     seen = trainer.scrape()
-    assert seen.process_steps == 20 and seen.step == 420 and seen.activity == contract.A_TRAINING
+    assert seen.process_steps == 20 and seen.step == 420 and seen.activity == contract.ACTIVITY_TRAIN
     assert seen.mean_step_seconds == pytest.approx(0.5)
-    trainer.metrics.set_activity(contract.A_CHECKPOINTING)
-    assert trainer.scrape().activity == contract.A_CHECKPOINTING
-    with pytest.raises(ValueError, match="activity 'sleeping'"):
-        trainer.metrics.set_activity("sleeping")
+    with trainer.metrics.timed(contract.ACTIVITY_CHECKPOINT):
+        assert trainer.scrape().activity == contract.ACTIVITY_CHECKPOINT
+    assert trainer.scrape().activity == contract.ACTIVITY_TRAIN
+    with pytest.raises(ValueError, match="unknown activity 'sleeping'"):
+        with trainer.metrics.timed("sleeping"):
+            pass
 
 
 def test_threshold_is_the_floor_or_a_multiple_of_the_mean_step_time_or_the_fixed_timeout():
@@ -105,26 +110,25 @@ def test_start_up_and_announced_pauses_are_not_stalls_but_silence_is():
         assert verdict is None
     trainer.steps(10)
     clock, _ = watch(trainer, clock, 1005)
-    trainer.metrics.set_activity(contract.A_EVALUATING)
-    for seconds in (1100, 1500):   # a long evaluation the trainer announced
-        clock, verdict = watch(trainer, clock, seconds)
-        assert not verdict.stalled
-    trainer.metrics.set_activity(contract.A_TRAINING)   # back to training, no step yet: counted from the pause's end
-    clock, verdict = watch(trainer, clock, 1550)
+    with trainer.metrics.timed(contract.ACTIVITY_EVALUATE):
+        for seconds in (1100, 1500):   # a long evaluation the trainer announced
+            clock, verdict = watch(trainer, clock, seconds)
+            assert not verdict.stalled
+    clock, verdict = watch(trainer, clock, 1550)   # back to training, no step yet: counted from the pause's end
     assert not verdict.stalled
     clock, verdict = watch(trainer, clock, 1561)
     assert verdict.stalled and verdict.since == at(1005)  # "since" stays the last step's time
     # Silence during an announced pause is not a pause: a stopped process cannot announce anything.
     trainer.steps(1)
     clock, _ = watch(trainer, clock, 2000)
-    trainer.metrics.set_activity(contract.A_CHECKPOINTING)
-    clock, verdict = watch(trainer, clock, 2005)
-    assert not verdict.stalled
-    for seconds in (2010, 2060):
-        clock, verdict = watch(None, clock, seconds)
+    with trainer.metrics.timed(contract.ACTIVITY_CHECKPOINT):
+        clock, verdict = watch(trainer, clock, 2005)
         assert not verdict.stalled
-    clock, verdict = watch(None, clock, 2066)
-    assert verdict.stalled and verdict.step == 11
+        for seconds in (2010, 2060):
+            clock, verdict = watch(None, clock, seconds)
+            assert not verdict.stalled
+        clock, verdict = watch(None, clock, 2066)
+        assert verdict.stalled and verdict.step == 11
 
 
 def test_a_new_attempt_starts_a_new_clock():
@@ -223,8 +227,9 @@ def test_set_condition_is_the_one_status_uses():
     assert stall.apply(conds, verdict(True), set_condition, at(90))[0]["lastTransitionTime"] == "2026-01-01T12:01:15Z"
 
 
-def test_the_torch_loop_announces_its_checkpoint_saves_and_evaluations():
-    """The built-in PyTorch loop's pauses, read from its real metrics page while they happen."""
+def test_the_torch_loop_announces_its_evaluations_and_timed_checkpoint_saves():
+    """The built-in PyTorch loop's pauses, read from its real metrics page while they happen: fit()
+    times its evaluations; its checkpoint saves are timed by the caller, as torch_run's save is."""
     torch = pytest.importorskip("torch")
     from leap_trainer.torch_train import DeviceData, fit, make_optimizer
 
@@ -242,13 +247,14 @@ def test_the_torch_loop_announces_its_checkpoint_saves_and_evaluations():
             return self.net(x)
 
     def save(step: int, epoch: int) -> None:
-        seen["checkpoint"].append(trainer.scrape().activity)
+        with trainer.metrics.timed(contract.ACTIVITY_CHECKPOINT):
+            seen["checkpoint"].append(trainer.scrape().activity)
 
     x, y = torch.randn(640, 784), torch.randint(0, 10, (640,))
     model = Probe()
     fit(model, make_optimizer(model, 1e-3), None, DeviceData(x, y, x[:64], y[:64]), batch_size=64, epochs=2,
         metrics=trainer.metrics, checkpoint_every=5, save_checkpoint=save)
-    assert seen["checkpoint"] == [contract.A_CHECKPOINTING] * 4   # 2 epochs x 10 steps, every 5
-    assert seen["evaluation"] == [contract.A_EVALUATING] * 2      # once per epoch
+    assert seen["checkpoint"] == [contract.ACTIVITY_CHECKPOINT] * 4   # 2 epochs x 10 steps, every 5
+    assert seen["evaluation"] == [contract.ACTIVITY_EVALUATE] * 2     # once per epoch
     after = trainer.scrape()
-    assert after.activity == contract.A_FINISHING and after.process_steps == 20
+    assert after.activity == contract.ACTIVITY_TRAIN and after.process_steps == 20

@@ -493,6 +493,47 @@ class Progress(_Model):
     updateTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
 
 
+class GoodputTime(_Model):
+    """Seconds of one trainer activity (leap_train_time_seconds_total, rank 0, as last scraped)."""
+    startup: float | None = Field(None, ge=0)
+    restore: float | None = Field(None, ge=0)
+    checkpoint: float | None = Field(None, ge=0)
+    train: float | None = Field(None, ge=0)
+    evaluate: float | None = Field(None, ge=0)
+
+
+class GoodputAttempt(_Model):
+    """One attempt's timeline and rank 0's counters as last scraped: what the account is made of."""
+    attempt: int = Field(..., ge=1)
+    created: str | None = Field(None, json_schema_extra={"format": "date-time"}, description="Its Job was created.")
+    running: str | None = Field(None, json_schema_extra={"format": "date-time"}, description="All its workers ran.")
+    ended: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    succeeded: bool | None = None
+    resumedStep: int | None = Field(None, ge=0, description="The run's step rank 0 started at (its checkpoint).")
+    steps: int | None = Field(None, ge=0, description="Steps rank 0 took in this attempt, as last scraped.")
+    seconds: GoodputTime | None = None
+
+
+class Goodput(_Model):
+    """Where the run's wall time went; the parts add up to wallSeconds (docs/monitoring.md, Goodput).
+    Parts that need the trainer's counters are absent until rank 0 has reported them."""
+    ratio: float | None = Field(None, ge=0, le=1, description="productiveSeconds / wallSeconds.")
+    wallSeconds: float = Field(0, ge=0, description="Creation to completion (or to the last update).")
+    productiveSeconds: float | None = Field(None, ge=0, description="Training steps the run kept.")
+    schedulingSeconds: float = Field(0, ge=0, description="Waiting for each attempt's workers to run.")
+    startupSeconds: float | None = Field(None, ge=0, description="Process start to the first step, restore excluded.")
+    restoreSeconds: float | None = Field(None, ge=0, description="Reading checkpoints back.")
+    checkpointSeconds: float | None = Field(None, ge=0, description="Writing checkpoints.")
+    evaluationSeconds: float | None = Field(None, ge=0, description="Held-out evaluation.")
+    lostSeconds: float | None = Field(None, ge=0, description="Steps redone after a restart.")
+    restartingSeconds: float = Field(0, ge=0, description="Between attempts: teardown and backoff.")
+    stalledSeconds: float = Field(0, ge=0, description="Time with condition Stalled=True.")
+    unattributedSeconds: float = Field(0, ge=0, description="The rest, said out loud (see docs/monitoring.md).")
+    stalledSince: str | None = Field(None, json_schema_extra={"format": "date-time"})
+    stalledClosedSeconds: float | None = Field(None, ge=0)
+    attempts: list[GoodputAttempt] | None = Field(None, max_length=256)
+
+
 class TrainingRunStatus(_Model):
     """Observed state, written by the operator."""
     phase: Literal[PHASES] | None = None
@@ -505,6 +546,7 @@ class TrainingRunStatus(_Model):
     jobName: str | None = None
     workers: WorkerCounts | None = None
     progress: Progress | None = None
+    goodput: Goodput | None = None
     startTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
     completionTime: str | None = Field(None, json_schema_extra={"format": "date-time"})
     observedGeneration: int | None = Field(None, ge=0)

@@ -35,7 +35,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from leap_operator import api, names, opmetrics, progress, render, stall
+from leap_operator import api, goodput, names, opmetrics, progress, render, stall
 from leap_operator.config import OperatorConfig
 from leap_operator.kube import Kube, KubeError
 from leap_operator.status import (FAILED_CREATE_RECHECK, compute_status, parse_time, pod_attempt, pod_index,
@@ -72,6 +72,8 @@ class RunState:
     deleted: set[str] = field(default_factory=set)           # Jobs deleted by us
     validated: tuple[Any, list] | None = None                 # (generation, problems)
     progress: dict | None = None
+    goodput: dict | None = None                               # the last status.goodput computed
+    counters: tuple[int, dict] | None = None                  # (attempt, rank 0's goodput counters) last scraped
     errors: int = 0
     refusals: int = 0                                         # refused creates in a row
     failed_create: str | None = None                          # the Job controller's FailedCreate message
@@ -143,6 +145,10 @@ class Controller:
         # Persist first: the attempt number must be durable before its Job exists. A "create"
         # decision never changes the attempt (restarts persist the new one first), so its status
         # is written with the Job in hand on the next pass: one status write instead of two.
+        if decision.action != "create" and status_patch(run["status"], decision.status):
+            # The account rides on writes the status makes anyway (never a write of its own).
+            decision.status["goodput"] = self._goodput(state, raw, decision.status, current)
+        opmetrics.set_goodput((namespace, name), state.goodput or run["status"].get("goodput"))
         if decision.action == "create":
             decision.events = []
         elif not await self._persist(raw, run, state, decision, logger):
@@ -219,6 +225,7 @@ class Controller:
         await self._delete_if_ours("v1", "services", namespace, render.service_name(name), uid)
         self.runs.pop((namespace, name), None)
         opmetrics.set_phase((namespace, name), None)
+        opmetrics.set_goodput((namespace, name), None)
         opmetrics.set_stalled((namespace, name), None)
         logger.info("deleted the children of %s", name)
 
@@ -310,6 +317,16 @@ class Controller:
         state.created.pop(job_name, None)
         logger.info("deleted Job %s", job_name)
 
+    def _goodput(self, state: RunState, raw: dict, status: dict, job: dict | None) -> dict:
+        """status.goodput after this observation (goodput.py), from the last one this operator made
+        or, after a restart of the operator, the one in the status."""
+        progress_now = state.progress or (raw.get("status") or {}).get("progress") or {}
+        state.goodput = goodput.observe(
+            state.goodput if state.goodput is not None else (raw.get("status") or {}).get("goodput"),
+            run=raw, status=status, job=job, counters=state.counters,
+            total_steps=progress_now.get("totalSteps"), now=_now())
+        return state.goodput
+
     # --- progress ---------------------------------------------------------------------------
 
     async def scrape(self, body: Any, pods_index: Any, logger: logging.Logger) -> None:
@@ -332,6 +349,7 @@ class Controller:
             samples = progress.parse_samples(text)
             rank0 = progress.progress_from_samples(samples)
             observation = stall.observe(samples, rank0.get("step"))
+            counters = goodput.counters_from_metrics_text(text)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             logger.debug("scraping %s failed: %r", url, exc)
             rank0, observation = None, stall.SILENT  # a silent worker has not stepped either
@@ -343,11 +361,19 @@ class Controller:
         new = progress.run_progress(rank0, world)
         old = state.progress if state.progress is not None else {
             k: v for k, v in (status.get("progress") or {}).items() if k != "updateTime"}
+        if counters is not None:
+            state.counters = (attempt, counters)
         if new and new != old:
             new_status = {"progress": {**new, "updateTime": _now().strftime("%Y-%m-%dT%H:%M:%SZ")}}
+            if counters is not None:   # the account rides on the progress write
+                before = state.goodput or status.get("goodput") or {}
+                record = self._goodput(state, raw, {**status, **(state.status or {})}, None)
+                new_status["goodput"] = {**{k: None for k in before if k not in record}, **record}
             if await self.kube.patch(names.API_VERSION, names.PLURAL, namespace, name,
                                      {"status": new_status}, subresource="status") is not None:
                 state.progress = new
+                if state.status is not None and state.goodput is not None:
+                    state.status["goodput"] = state.goodput   # what the next status patch is relative to
 
     def _watch_steps(self, state: RunState, raw: dict, spec: dict, attempt: int,
                      observation: stall.Observation) -> None:

@@ -30,12 +30,19 @@ API_ERRORS = Counter(names.OM_API_ERRORS.removesuffix("_total"),
                      "Failed Kubernetes API requests (errors and retries), by verb and resource.",
                      ["verb", "resource"], registry=REGISTRY)
 
+GOODPUT_RATIO = Gauge(names.OM_GOODPUT_RATIO, "Goodput of a TrainingRun: productive training seconds over its "
+                      "wall seconds (status.goodput.ratio); absent while unknown.", ["namespace", "run"],
+                      registry=REGISTRY)
+GOODPUT_SECONDS = Gauge(names.OM_GOODPUT_SECONDS, "Where a TrainingRun's wall time went, by part (status.goodput); "
+                        "the parts add up to its wall time; parts still unknown are absent.",
+                        ["namespace", "run", "part"], registry=REGISTRY)
 RUN_STALLED = Gauge(names.OM_RUN_STALLED,
                     "Unix time of the last optimizer step of a TrainingRun the operator calls Stalled "
                     "(condition Stalled=True while Running); present only while it is stalled.",
                     ["namespace", "run"], registry=REGISTRY)
 
 _phases: dict[tuple[str, str], str] = {}
+_goodput: dict[tuple[str, str], set[str]] = {}   # run -> parts it has series for
 _stalled: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 for _phase in api.PHASES:
@@ -70,3 +77,28 @@ def set_stalled(key: tuple[str, str], since: float | None) -> None:
 def serve(port: int, addr: str = "0.0.0.0") -> None:
     """Serve /metrics on a background thread."""
     start_http_server(port, addr=addr, registry=REGISTRY)
+
+
+def set_goodput(key: tuple[str, str], record: dict | None) -> None:
+    """A run's goodput gauges from its status.goodput (None: the run is gone, its series go too)."""
+    from leap_operator.goodput import PARTS
+
+    namespace, run = key
+    with _lock:
+        shown = _goodput.pop(key, set())
+        now = set()
+        if record is not None:
+            if record.get("ratio") is not None:
+                GOODPUT_RATIO.labels(namespace, run).set(record["ratio"])
+                now.add("ratio")
+            for part in PARTS:
+                value = record.get(f"{part}Seconds")
+                if value is not None:
+                    GOODPUT_SECONDS.labels(namespace, run, part).set(value)
+                    now.add(part)
+            _goodput[key] = now
+        for gone in shown - now:
+            if gone == "ratio":
+                GOODPUT_RATIO.remove(namespace, run)
+            else:
+                GOODPUT_SECONDS.remove(namespace, run, gone)

@@ -8,7 +8,7 @@ Verdict into the Stalled condition, and `events` says which Events that change d
 What counts as a stall: the attempt's process has taken at least one step (start-up and
 checkpoint restore come before it and are never a stall), and for longer than the threshold
 nothing showed it alive on purpose: no new step, and no pause it announced (leap_train_activity
-evaluating / checkpointing / finishing, see leap_trainer.contract). A worker that stops answering
+other than train: startup, restore, checkpoint, evaluate; leap_trainer.contract.PAUSE_ACTIVITIES). A worker that stops answering
 its metrics endpoint while its pod runs (a SIGSTOPped or wedged process) shows nothing, so its
 silence counts. Rank 0 is the one watched: data-parallel ranks step in lockstep, so a hung rank
 stops rank 0 at its next collective.
@@ -66,7 +66,7 @@ def observe(samples: list, step: int | None) -> Observation:
             rank = math.inf
         if sample.name == contract.M_ACTIVITY:
             if value == 1 and (activity is None or rank < activity[0]):
-                activity = (rank, sample.labels.get(contract.ACTIVITY_LABEL, ""))
+                activity = (rank, sample.labels.get(contract.TIME_LABEL, ""))
         elif sample.name in (contract.M_STEPS, step_sum, step_count):
             if sample.name not in best or rank < best[sample.name][0]:
                 best[sample.name] = (rank, value)

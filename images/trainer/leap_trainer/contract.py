@@ -63,6 +63,7 @@ METRIC_LABELS = ("run", "namespace", "rank", "framework", "accelerator")
 M_SAMPLES = "leap_train_samples_total"              # counter
 M_STEPS = "leap_train_steps_total"                  # counter
 M_STEP_SECONDS = "leap_train_step_seconds"          # histogram
+M_COMPUTE_SECONDS = "leap_train_compute_seconds_total"  # counter: step time minus waiting for other ranks
 M_SAMPLES_PER_SECOND = "leap_train_samples_per_second"  # gauge
 M_FLOPS_PER_SECOND = "leap_train_flops_per_second"  # gauge: achieved training FLOP/s
 M_MFU = "leap_train_mfu"                            # gauge 0..1; absent on unknown devices
@@ -73,22 +74,28 @@ M_ETA = "leap_train_eta_seconds"                    # gauge
 M_EPOCH = "leap_train_epoch"                        # gauge
 M_TOTAL_STEPS = "leap_train_total_steps"            # gauge: steps planned for the whole run
 M_ACCEL_MEMORY = "leap_accelerator_memory_bytes"    # gauge
-M_ACTIVITY = "leap_train_activity"                  # gauge {activity}: 1 for what the process does now, else 0
+M_TIME = "leap_train_time_seconds_total"            # counter {activity}: where this process's time went
+M_RESUMED_STEP = "leap_train_resumed_step"          # gauge: the run's step this process started at
 
-# What a training process is doing (the `activity` label of M_ACTIVITY). The operator's stall
-# detection (operator/leap_operator/stall.py) does not count a pause the process announces as a
-# stall: time before the first step, evaluation, checkpoint saves, the work after the last step.
-ACTIVITY_LABEL = "activity"
-A_STARTING, A_TRAINING, A_EVALUATING, A_CHECKPOINTING, A_FINISHING = (
-    "starting", "training", "evaluating", "checkpointing", "finishing")
-ACTIVITIES = (A_STARTING, A_TRAINING, A_EVALUATING, A_CHECKPOINTING, A_FINISHING)
-PAUSE_ACTIVITIES = (A_STARTING, A_EVALUATING, A_CHECKPOINTING, A_FINISHING)
+# Values of M_TIME's `activity` label (the goodput account, operator/leap_operator/goodput.py, reads them).
+ACTIVITY_STARTUP = "startup"          # process start to the first training step (restore excluded)
+ACTIVITY_RESTORE = "restore"          # reading checkpoints back
+ACTIVITY_CHECKPOINT = "checkpoint"    # writing checkpoints
+ACTIVITY_TRAIN = "train"              # training steps (the reporting windows' wall time)
+ACTIVITY_EVALUATE = "evaluate"        # held-out evaluation between epochs
+TIME_ACTIVITIES = (ACTIVITY_STARTUP, ACTIVITY_RESTORE, ACTIVITY_CHECKPOINT, ACTIVITY_TRAIN, ACTIVITY_EVALUATE)
+TIME_LABEL = "activity"
+M_ACTIVITY = "leap_train_activity"                  # gauge {activity}: 1 for what the process does now
+# Activities other than train are pauses the trainer makes on purpose: the operator's hang
+# detection (operator/leap_operator/stall.py) does not count them as a stall.
+PAUSE_ACTIVITIES = (ACTIVITY_STARTUP, ACTIVITY_RESTORE, ACTIVITY_CHECKPOINT, ACTIVITY_EVALUATE)
 
 # Description of each metric: used for HELP text and the metrics reference in the docs.
 TRAIN_METRICS: dict[str, tuple[str, str]] = {
     M_SAMPLES: ("counter", "Training samples processed by this process since it started (a resumed run starts at 0)."),
     M_STEPS: ("counter", "Optimizer steps taken by this process since it started (a resumed run starts at 0)."),
     M_STEP_SECONDS: ("histogram", "Wall time of each optimizer step (Keras: each step of a steps_per_execution group at the group's mean)."),
+    M_COMPUTE_SECONDS: ("counter", "Seconds of this rank's own training work: its step time minus the time it waited for the other ranks in the gradient all-reduce (PyTorch; absent where unmeasured)."),
     M_SAMPLES_PER_SECOND: ("gauge", "Training throughput of this rank over the last reporting window."),
     M_FLOPS_PER_SECOND: ("gauge", "Achieved model FLOP/s of this rank: samples/s x the model's training FLOPs per sample (matmuls, no recomputation)."),
     M_MFU: ("gauge", "Model FLOPs utilisation: achieved FLOP/s over the peak of this rank's devices at the precision used; absent when unknown."),
@@ -99,8 +106,11 @@ TRAIN_METRICS: dict[str, tuple[str, str]] = {
     M_EPOCH: ("gauge", "Current epoch, 1-based."),
     M_TOTAL_STEPS: ("gauge", "Optimizer steps planned for the whole run."),
     M_ACCEL_MEMORY: ("gauge", "Accelerator memory in use by this rank, in bytes."),
-    M_ACTIVITY: ("gauge", "What this process does now: 1 for its activity (starting, training, evaluating, "
-                          "checkpointing, finishing), 0 for the others; the operator does not call a pause it announces a stall."),
+    M_TIME: ("counter", "Wall seconds this process spent, by activity: startup (process start to the first step, "
+                        "restore excluded), restore, checkpoint, train, evaluate."),
+    M_RESUMED_STEP: ("gauge", "The run's step this process started at (0: a fresh start; else the checkpoint it resumed)."),
+    M_ACTIVITY: ("gauge", "What this process does now: 1 for its activity (startup, restore, checkpoint, train, evaluate), "
+                          "0 for the others; the operator does not count a pause (any but train) as a stall."),
 }
 
 # --- Exit codes -------------------------------------------------------------------------------

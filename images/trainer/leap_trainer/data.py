@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from importlib import resources
 
@@ -79,17 +80,41 @@ def _synthetic(samples: int, *, seed: int) -> Dataset:
 
 
 def _from_npz(path: str, *, seed: int) -> Dataset:
+    """A user's .npz; anything unusable in it is a ValueError naming the problem (a configuration
+    error for leap-train: retrying cannot help)."""
     if not os.path.exists(path):
         raise ValueError(f"dataset file {path!r} does not exist: give a path to an .npz file")
-    arrays = np.load(path)
-    keys = set(arrays.files)
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            found = {key: arrays[key] for key in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable .npz file ({error}); write it with numpy.savez") from None
+    keys = set(found)
     if {"x_train", "y_train", "x_test", "y_test"} <= keys:
         def prep(x):
             x = x.reshape(len(x), -1)
             return _standardise(x) if x.dtype == np.uint8 else x.astype(np.float32)
-        return Dataset(path, prep(arrays["x_train"]), arrays["y_train"].astype(np.int64),
-                       prep(arrays["x_test"]), arrays["y_test"].astype(np.int64))
-    if {"images", "labels"} <= keys:
-        return _split(path, arrays["images"], arrays["labels"], seed=seed, limit=None)
-    raise ValueError(f"{path}: an .npz dataset needs arrays x_train, y_train, x_test, y_test "
-                     f"(or images, labels); it has {sorted(keys)}")
+        dataset = Dataset(path, prep(found["x_train"]), found["y_train"].astype(np.int64),
+                          prep(found["x_test"]), found["y_test"].astype(np.int64))
+    elif {"images", "labels"} <= keys:
+        dataset = _split(path, found["images"], found["labels"], seed=seed, limit=None)
+    else:
+        raise ValueError(f"{path}: an .npz dataset needs arrays x_train, y_train, x_test, y_test "
+                         f"(or images, labels); it has {sorted(keys)}")
+    _check_shapes(path, dataset)
+    return dataset
+
+
+def _check_shapes(path: str, dataset: Dataset) -> None:
+    """The built-in models take 784 features (28 x 28 images) and 10 classes."""
+    for split, x, y in (("train", dataset.x_train, dataset.y_train), ("test", dataset.x_test, dataset.y_test)):
+        if x.ndim != 2 or x.shape[1] != FEATURES:
+            raise ValueError(f"{path}: {split} images have {x.shape[1] if x.ndim == 2 else x.shape} features per "
+                             f"sample; the built-in models take {FEATURES} (28 x 28 images)")
+        if len(x) != len(y):
+            raise ValueError(f"{path}: {len(x)} {split} images but {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= CLASSES):
+            raise ValueError(f"{path}: {split} labels must be classes 0 to {CLASSES - 1}; "
+                             f"found {int(y.min())} to {int(y.max())}")
+    if not len(dataset.y_train):
+        raise ValueError(f"{path}: the training split is empty")

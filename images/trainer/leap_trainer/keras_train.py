@@ -300,7 +300,8 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
     with run.strategy.scope():
         model = make_model()
     checkpoints = PhaseCheckpoints(run.checkpoint_dir, name) if run.checkpoint_dir else None
-    state = checkpoints.restore(model) if checkpoints else None
+    with run.metrics.timed(contract.ACTIVITY_RESTORE):
+        state = checkpoints.restore(model) if checkpoints else None
     resumed = optimizer_steps(model) if state else 0
     if state:
         from leap_trainer.tf_models import resume_random_shifts
@@ -329,9 +330,11 @@ def train_phase(run: Run, name: str, model_name: str, make_model: Callable[[], A
     train_seconds = time.perf_counter() - began
     steps = optimizer_steps(model)
     if checkpoints and run.plan.is_chief and not (state and state.done and state.step == steps):
-        checkpoints.save(model, step=steps, epoch=epochs, done=True)
+        with run.metrics.timed(contract.ACTIVITY_CHECKPOINT):
+            checkpoints.save(model, step=steps, epoch=epochs, done=True)
 
-    accuracy = float(model.evaluate(test_dataset(run), verbose=0, return_dict=True)["accuracy"])
+    with run.metrics.timed(contract.ACTIVITY_EVALUATE):
+        accuracy = float(model.evaluate(test_dataset(run), verbose=0, return_dict=True)["accuracy"])
     run.metrics.set_accuracy(accuracy)
     phase = Phase(name=name, model=model_name, steps=steps, resumed_from_step=resumed, accuracy=accuracy,
                   samples_per_second=clock.steady_samples_per_second(),

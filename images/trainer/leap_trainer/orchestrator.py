@@ -217,11 +217,16 @@ def already_complete_message(directory: Path, summary: str | None) -> str:
 def open_metrics(*, args, rank: int, local_rank: int, framework: str, accelerator: str,
                  flops_per_sample: float, peak_flops: float | None, total_steps: int,
                  initial_step: int) -> TrainingMetrics:
-    """This process's metrics; a port in use stops the run with one line naming the port and the flag."""
-    env = os.environ
+    """This process's metrics; a port in use stops the run with one line naming the port and the flag.
+
+    The run's identity comes from the reporting SDK's reading of the env (leap_trainer.sdk), so a
+    user's program and leap-train label their series alike; both feed the same TrainingMetrics."""
+    from .sdk import settings_from_env
+
+    identity = settings_from_env()
     port = args.metrics_port + local_rank if args.metrics_port else None
     metrics = TrainingMetrics(
-        run=env.get(c.ENV_RUN) or "local", namespace=env.get(c.ENV_NAMESPACE) or "default",
+        run=identity["run"], namespace=identity["namespace"],
         rank=rank, framework=framework, accelerator=accelerator, port=port,
         flops_per_sample=flops_per_sample, peak_flops=peak_flops, total_steps=total_steps,
         initial_step=initial_step)

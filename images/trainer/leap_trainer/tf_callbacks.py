@@ -7,11 +7,11 @@ callbacks cost nothing per step. Step counts come from the optimizer's iteration
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import keras
 
-from leap_trainer import contract
 from leap_trainer.tf_checkpoint import PhaseCheckpoints
 
 
@@ -70,6 +70,7 @@ class MetricsReporter(keras.callbacks.Callback):
         self._last_steps = self.clock.steps
         self._last_time = self._group_end = time.perf_counter()
         self._step_seconds = []
+        self._saved_seconds = self.metrics.seconds["checkpoint"]
         if self.clock.begin_step is None:
             self.clock.begin_step, self.clock.begin_time = self.clock.steps, self._last_time
 
@@ -83,7 +84,14 @@ class MetricsReporter(keras.callbacks.Callback):
         if group > 0:
             self._step_seconds += [(now - self._group_end) / group] * group
         self._last_batch, self._group_end = batch, now
+        saved = self.metrics.seconds["checkpoint"]
+        if saved > self._saved_seconds:
+            # A checkpoint save ran since the last group (CheckpointSaver follows this callback): not training.
+            self._last_time += saved - self._saved_seconds
+            self._saved_seconds = saved
         if self.clock.warm_step is None:
+            # Start-up (for the goodput account) ends once tracing and compilation are done.
+            self.metrics.training_started()
             # The first batch group includes tracing and compilation: start the throughput clock after it.
             self.clock.steps = optimizer_steps(self.model)
             self.clock.warm_step, self.clock.warm_time = self.clock.steps, now
@@ -97,18 +105,10 @@ class MetricsReporter(keras.callbacks.Callback):
         self.clock.steps = optimizer_steps(self.model)
         self._report(time.perf_counter(), logs)
 
-    # Evaluation inside fit() (validation_data) is a pause the process announces: not a stall.
-    def on_test_begin(self, logs=None):
-        self.metrics.set_activity(contract.A_EVALUATING)
-
-    def on_test_end(self, logs=None):
-        self.metrics.set_activity(contract.A_TRAINING)
-
     def on_train_end(self, logs=None):
         self.clock.steps = optimizer_steps(self.model)
         self.clock.end_time = time.perf_counter()
         self._report(self.clock.end_time, logs)
-        self.metrics.set_activity(contract.A_FINISHING)
 
     def _report(self, now: float, logs) -> None:
         steps = self.clock.steps - self._last_steps
@@ -145,7 +145,7 @@ class CheckpointSaver(keras.callbacks.Callback):
                  metrics=None):
         super().__init__()
         self.checkpoints = checkpoints
-        self.metrics = metrics  # TrainingMetrics: a save is a pause the process announces
+        self.metrics = metrics     # TrainingMetrics: the saves' wall time counts as "checkpoint"
         self.every_steps = max(0, int(every_steps or 0))
         self.steps_per_epoch = steps_per_epoch
         self.is_chief = is_chief
@@ -170,10 +170,8 @@ class CheckpointSaver(keras.callbacks.Callback):
             self._save(steps)
 
     def _save(self, steps: int) -> None:
-        if self.metrics is not None:
-            self.metrics.set_activity(contract.A_CHECKPOINTING)
         if self.is_chief:
-            self.checkpoints.save(self.model, step=steps, epoch=steps // self.steps_per_epoch)
+            # timed(): counted for the goodput account, and announced as a pause (not a stall).
+            with self.metrics.timed("checkpoint") if self.metrics is not None else contextlib.nullcontext():
+                self.checkpoints.save(self.model, step=steps, epoch=steps // self.steps_per_epoch)
         self._last_saved = steps
-        if self.metrics is not None:
-            self.metrics.set_activity(contract.A_TRAINING)

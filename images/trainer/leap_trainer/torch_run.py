@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -99,7 +100,10 @@ class Run:
         self.dir = Path(args.checkpoint_dir) if args.checkpoint_dir else None
         self.directory = RunDirectory(self.dir, writer=layout.is_main)
         args.batch_size = resolve_batch_size(args, layout.world_size)
-        dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
+        try:
+            dataset = load_dataset(args.dataset, samples=args.samples, seed=0)
+        except (ValueError, OSError) as error:
+            raise fail(f"--dataset {args.dataset!r}: {error}") from None
         self.train_size = len(dataset.x_train)
         self.data = DeviceData.from_dataset(dataset, device)
         self.x_train = dataset.x_train  # host copy: distillation's soft targets are computed from it
@@ -129,6 +133,10 @@ class Run:
         if metrics.port:
             self.log(f"metrics on :{metrics.port}/metrics (rank {self.layout.rank})")
         return metrics
+
+    def timed(self, activity: str):
+        """Count a block's wall time as `activity` in the metrics (once they exist)."""
+        return self.metrics.timed(activity) if self.metrics is not None else contextlib.nullcontext()
 
     def begin(self) -> str:
         """Rank 0 reads D/run.json and decides (new, resume, complete); every rank follows it."""
@@ -212,7 +220,8 @@ class Run:
         start_step = 0
         latest = self.dir / ckpt.LATEST if self.dir else None
         if resume and latest is not None:
-            state = self.shared(ckpt.load(latest) if self.layout.is_main else None)
+            with self.timed(c.ACTIVITY_RESTORE):
+                state = self.shared(ckpt.load(latest) if self.layout.is_main else None)
             if state is not None:
                 model.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
@@ -226,8 +235,9 @@ class Run:
 
         def save(step: int, epoch: int) -> None:
             if self.layout.is_main and latest is not None:
-                ckpt.save_atomic(ckpt.training_state(model=model, optimizer=optimizer, scheduler=scheduler,
-                                                     step=step, epoch=epoch), latest)
+                with self.timed(c.ACTIVITY_CHECKPOINT):
+                    ckpt.save_atomic(ckpt.training_state(model=model, optimizer=optimizer, scheduler=scheduler,
+                                                         step=step, epoch=epoch), latest)
 
         self.log(f"{phase}: {model_name}, {self.per_epoch * epochs} steps of {args.batch_size} x "
                  f"{self.layout.world_size} = {args.batch_size * self.layout.world_size} samples "
@@ -249,7 +259,8 @@ class Run:
 
     def save_model(self, model: torch.nn.Module, filename: str) -> None:
         if self.layout.is_main and self.dir is not None:
-            ckpt.save_atomic(model.state_dict(), self.dir / filename)
+            with self.timed(c.ACTIVITY_CHECKPOINT):
+                ckpt.save_atomic(model.state_dict(), self.dir / filename)
 
     # --- the run ----------------------------------------------------------------------------
     def execute(self, started: float) -> dict | None:
@@ -260,13 +271,16 @@ class Run:
         args = self.args
         distilling = args.workload == "distillation"
         teacher_path = self.dir / ckpt.TEACHER if self.dir and distilling else None
+        restoring = time.perf_counter()   # before the metrics exist: added to them once they do
         self.teacher_state = self.shared(ckpt.load(teacher_path) if self.layout.is_main and teacher_path else None)
         latest = self.dir / ckpt.LATEST if self.dir else None
         resumed_step = self.shared(_saved_step(latest) if self.layout.is_main else 0)
+        restored_seconds = time.perf_counter() - restoring if (self.teacher_state is not None or resumed_step) else 0.0
         # The run's steps done before this process: a saved teacher's, and the final phase's.
         teacher_steps = self.per_epoch * self.epochs.get(DISTILLATION_PHASES[0], 0)
         done = (teacher_steps if self.teacher_state is not None else 0) + resumed_step
         self.metrics = self.open_metrics(initial_step=done, model=args.teacher if distilling else args.model)
+        self.metrics.add_time(c.ACTIVITY_RESTORE, restored_seconds)
         try:
             distillation = train_workload(self, args)
             self.metrics.finish()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import contract
+from .collective_wait import CollectiveWait
 from .orchestrator import lr_factor
 from .specs import IMAGE_SIDE
 
@@ -233,6 +233,7 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
     loss_sum = torch.zeros((), device=device)   # summed on the device: no host sync per step
     window_steps = 0
     timer = StepTimer(device) if metrics is not None else None   # step times feed the metrics' histogram
+    waits = CollectiveWait.attach(model, device) if metrics is not None else None   # straggler signal
     started = window_start = time.perf_counter()
 
     def flush(warmup: bool = False) -> None:
@@ -252,18 +253,14 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             samples += window_steps * batch_size
         step_seconds = timer.read() if timer is not None else None
         if metrics is not None:
+            compute = sum(step_seconds) - (waits.read() if waits is not None else 0.0)
             metrics.report(steps=window_steps, samples=window_steps * batch_size, seconds=seconds, loss=last_loss,
-                           step_seconds=step_seconds)
+                           step_seconds=step_seconds, compute_seconds=compute)
             if device.type == "cuda":
                 metrics.set_memory(torch.cuda.memory_allocated(device))
         loss_sum.zero_()
         window_steps = 0
         window_start = time.perf_counter()
-
-    def announce(activity: str) -> None:
-        """Say what the loop does now: a pause it announces is not a stall (operator/stall.py)."""
-        if metrics is not None:
-            metrics.set_activity(activity)
 
     def restart_window() -> None:
         """After evaluation or a checkpoint write: neither is training time."""
@@ -273,7 +270,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             timer.start()
 
     model.train()
-    announce(contract.A_STARTING)   # until the first step: compilation, lazy init
+    if metrics is not None:
+        metrics.training_started()
     if timer is not None:
         timer.start()
     for epoch in range(step // per_epoch, epochs):
@@ -299,18 +297,15 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
             window_steps += 1
             if save_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
                 flush()
-                announce(contract.A_CHECKPOINTING)
                 save_checkpoint(step, epoch)
-                announce(contract.A_TRAINING)
                 restart_window()
             elif step == start_step + 1:
                 flush(warmup=True)
             elif time.perf_counter() - window_start >= report_seconds:
                 flush()
         flush()
-        announce(contract.A_EVALUATING)
-        accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
-        announce(contract.A_TRAINING)
+        with metrics.timed("evaluate") if metrics is not None else contextlib.nullcontext():
+            accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
         history.append((epoch + 1, time.perf_counter() - started, accuracy))
         if metrics is not None:
             metrics.set_accuracy(accuracy)
@@ -320,7 +315,6 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, dat
         restart_window()
         if target_accuracy is not None and accuracy >= target_accuracy:
             break
-    announce(contract.A_FINISHING)   # this phase's steps are done: saves, the next phase's set-up
     if accuracy is None:  # resumed after the last step: nothing to train, still report accuracy
         accuracy = evaluate(model, data.x_test, data.y_test, autocast_dtype)
     return FitResult(start_step, step, samples, train_seconds, accuracy, last_loss, history)

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from leap_operator import api, names
+from leap_operator import api, goodput, names
 from leap_operator.cmd_validate import LoadError, describe, is_leap_document, load_documents
 from leap_operator.local import devices
 from leap_operator.local.display import RunInfo, make_display, other_accuracies, percent, summary_table
@@ -96,7 +96,8 @@ def _print_problems(where: str, doc: dict, problems, overrides, err: Console) ->
     err.print("nothing was started.", highlight=False)
 
 
-def _final_summary(run_dir: RunDir, outcome: Outcome, run_name: str, total_seconds: float) -> dict | None:
+def _final_summary(run_dir: RunDir, outcome: Outcome, run_name: str, total_seconds: float,
+                   account: dict | None = None) -> dict | None:
     """The trainer's summary (worker 0's, else any worker's) plus the local facts; saved as summary.json."""
     summary = None
     for worker in sorted(outcome.last_workers or [], key=lambda w: w.index):
@@ -107,7 +108,8 @@ def _final_summary(run_dir: RunDir, outcome: Outcome, run_name: str, total_secon
             continue
     if summary is None:
         return None
-    summary = {**summary, "run": run_name, "attempts": outcome.attempts, "total_seconds": round(total_seconds, 3)}
+    summary = {**summary, "run": run_name, "attempts": outcome.attempts, "total_seconds": round(total_seconds, 3),
+               "goodput": account}
     run_dir.summary.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -267,7 +269,7 @@ def _start(args, out: Console, err: Console, run_dir: RunDir, run_obj: dict, doc
                            stream=args.stream, status=status)
     stop = StopFlag()
     previous = stop.install()
-    started = time.monotonic()
+    started, created = time.monotonic(), time.time()
     display.start()
     try:
         outcome = supervise(lambda attempt: first if attempt == 1 else plans_for(attempt),
@@ -281,19 +283,35 @@ def _start(args, out: Console, err: Console, run_dir: RunDir, run_obj: dict, doc
         display.stop()
         StopFlag.restore(previous)
     total = time.monotonic() - started
-    code = _report(outcome, run_dir, name, total, args, out, err)
+    account = _goodput(created, outcome, display)
+    code = _report(outcome, run_dir, name, total, args, out, err, account)
     phase = "Succeeded" if outcome.succeeded else ("Stopped" if outcome.reason == "Interrupted" else "Failed")
     status.finish(phase, outcome.reason, outcome.message)
     return code
 
 
-def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, out: Console, err: Console) -> int:
+def _goodput(created: float, outcome: Outcome, display) -> dict:
+    """Where the run's wall time went (goodput.py): the supervisor's timeline and rank 0's counters
+    as the display last scraped them, per attempt."""
+    attempts = [{**entry, **display.counters.get(entry["attempt"], {})} for entry in outcome.timeline]
+    end = (attempts[-1].get("ended") if attempts else None) or time.time()
+    record = goodput.account(created, end, attempts, final_step=display.total_steps if outcome.succeeded else None)
+    # Each attempt's facts (times as RFC 3339, as in status.goodput), to check the account by.
+    times = ("created", "running", "ended")
+    record["attempts"] = [{k: goodput.fmt(v) if k in times and v is not None else v for k, v in a.items()}
+                          for a in attempts]
+    return record
+
+
+def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, out: Console, err: Console,
+            account: dict | None = None) -> int:
     if args.output == "json":
-        summary = _final_summary(run_dir, outcome, name, total) if outcome.succeeded else None
+        summary = _final_summary(run_dir, outcome, name, total, account) if outcome.succeeded else None
         print(json.dumps({"run": name, "phase": "Succeeded" if outcome.succeeded else (
             "Stopped" if outcome.reason == "Interrupted" else "Failed"), "reason": outcome.reason,
             "message": outcome.message, "exitCode": outcome.exit_code, "attempts": outcome.attempts,
-            "totalSeconds": round(total, 3), "runDirectory": str(run_dir.path), "summary": summary}, indent=2))
+            "totalSeconds": round(total, 3), "runDirectory": str(run_dir.path), "goodput": account,
+            "summary": summary}, indent=2))
         if outcome.succeeded:
             return outcome.exit_code
     if outcome.reason == "Interrupted":
@@ -308,12 +326,14 @@ def _report(outcome: Outcome, run_dir: RunDir, name: str, total: float, args, ou
             err.print(f"if the checkpoints in {run_dir.checkpoints} are from another configuration, "
                       "the same command with --fresh instead of --resume starts over", markup=False, soft_wrap=True)
         return outcome.exit_code
-    summary = _final_summary(run_dir, outcome, name, total)
+    if account is not None:
+        out.print(goodput.summary_line(account), markup=False, soft_wrap=True)
+    summary = _final_summary(run_dir, outcome, name, total, account)
     if summary is None:
         out.print(f"{escape(name)} succeeded in {total:.1f}s ({outcome.attempts} attempt{'s' if outcome.attempts > 1 else ''}); "
                   "the workers wrote no summary (a custom command need not)")
         return 0
-    out.print(summary_table(summary, attempts=outcome.attempts, total_seconds=total))
+    out.print(summary_table(summary, attempts=outcome.attempts, total_seconds=total, goodput=account))
     accuracy = summary.get("test_accuracy")
     tail = f"test accuracy {percent(accuracy)}" if accuracy is not None else "no test accuracy reported"
     others = other_accuracies(summary)

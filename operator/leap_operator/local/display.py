@@ -105,6 +105,8 @@ class BaseDisplay:
         self._partial: dict[int, bytes] = {}
         self.phase: str | None = None
         self._phase_checked = 0.0
+        self.counters: dict[int, dict] = {}   # attempt -> rank 0's goodput counters, as last scraped
+        self.total_steps: int | None = None
 
     # lifecycle -------------------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -143,6 +145,11 @@ class BaseDisplay:
 
     def after_poll(self, latest: dict[int, dict]) -> None:
         self.flush_streams()
+        rank0 = latest.get(0) or {}
+        if rank0.get("goodput") is not None and self.attempt:
+            self.counters[self.attempt] = rank0["goodput"]
+        if rank0.get("totalSteps"):
+            self.total_steps = int(rank0["totalSteps"])
         if self.info.distillation and self.workers and time.monotonic() - self._phase_checked >= 0.5:
             self._phase_checked = time.monotonic()
             from leap_operator.local.supervisor import log_tail
@@ -261,7 +268,8 @@ class LiveDisplay(BaseDisplay):
                 "worker": str(worker.index),
                 "progress": ProgressBar(total=100, completed=pct or 0, width=24),
                 "": f"{pct:.0f}%" if pct is not None else "",
-                "step": f"{int(p['step'])}/{int(p.get('totalSteps') or 0)}" if p.get("step") is not None else "-",
+                "step": (f"{int(p['step'])}/{int(p['totalSteps'])}" if p.get("totalSteps") else f"{int(p['step'])}")
+                if p.get("step") is not None else "-",   # unknown total steps (an SDK run without them): no "/0"
                 "epoch": (f"{int(p['epoch'])}" + (f"/{info.epochs}" if info.epochs else "")) if p.get("epoch") is not None else "-",
                 "loss": f"{p['loss']:.4f}" if p.get("loss") is not None else "-",
                 "samples/s": f"{p['samplesPerSecond']:,.0f}" if p.get("samplesPerSecond") is not None else "-",
@@ -313,6 +321,21 @@ _ROWS = (
 )
 
 
+def goodput_rows(record: dict | None) -> list[tuple[str, str]]:
+    """The summary's goodput rows: the ratio, then each part of the wall time (goodput.py)."""
+    from leap_operator.goodput import PARTS
+
+    if not record:
+        return []
+    ratio = record.get("ratio")
+    rows = [("goodput", f"{100 * ratio:.1f}% of {record['wallSeconds']:.1f}s" if ratio is not None
+             else "unknown (the workers reported no time counters)")]
+    for part in PARTS:
+        value = record.get(f"{part}Seconds")
+        rows.append((f"  {part}", f"{value:.1f}s" if value is not None else "unknown"))
+    return rows
+
+
 def other_accuracies(summary: dict) -> list[tuple[str, float]]:
     """Accuracies besides the headline one: distillation's student_alone_accuracy and
     teacher_accuracy, and whatever other *_accuracy a workload reports."""
@@ -320,7 +343,7 @@ def other_accuracies(summary: dict) -> list[tuple[str, float]]:
             if key != "test_accuracy" and key.endswith("accuracy") and isinstance(value, (int, float))]
 
 
-def summary_table(summary: dict, *, attempts: int, total_seconds: float) -> Table:
+def summary_table(summary: dict, *, attempts: int, total_seconds: float, goodput: dict | None = None) -> Table:
     table = Table(title="Summary", show_header=False, title_justify="left", title_style="bold")
     table.add_column("what")
     table.add_column("value", justify="right")
@@ -337,4 +360,6 @@ def summary_table(summary: dict, *, attempts: int, total_seconds: float) -> Tabl
                 table.add_row("distillation gain", f"{100 * summary['distillation_gain']:+.1f} points")
     table.add_row("attempts", str(attempts))
     table.add_row("total time", f"{total_seconds:.1f}s")
+    for label, text in goodput_rows(goodput):
+        table.add_row(label, text)
     return table

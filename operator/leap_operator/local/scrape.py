@@ -26,15 +26,20 @@ def fetch_metrics(port: int, timeout: float = 0.5) -> str | None:
 
 
 def worker_progress(ports: list[int]) -> dict | None:
-    ranks = []
+    ranks, counters = [], None
     for port in ports:
         text = fetch_metrics(port)
         if text:
+            from leap_operator.goodput import counters_from_metrics_text
             from leap_operator.progress import progress_from_metrics_text  # the operator's parser
             ranks.append(progress_from_metrics_text(text))
+            if len(ranks) == 1:
+                counters = counters_from_metrics_text(text)
     if not ranks:
         return None
     out = dict(ranks[0])
+    if counters is not None:
+        out["goodput"] = counters   # the local rank 0's counters: the goodput account's facts
     for key in SUMMED:
         values = [r.get(key) for r in ranks if r.get(key) is not None]
         if values:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from leap_operator.local.plan import WorkerPlan
@@ -199,6 +199,9 @@ class Outcome:
     message: str
     exit_code: int                 # of `leap run`
     last_workers: list[Worker] | None = None
+    # Per attempt, wall-clock times (time.time()): created (spawning began), running (all workers
+    # spawned), ended (its end was seen): the goodput account's timeline (goodput.py).
+    timeline: list[dict] = field(default_factory=list)
 
 
 def log_tail(path, lines: int = 20) -> str:
@@ -224,18 +227,23 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
     started = time.monotonic()
     deadline = started + deadline_seconds if deadline_seconds else None
     attempt = 0
+    timeline: list[dict] = []
     while True:
         attempt += 1
         workers: list[Worker] = []
+        timeline.append({"attempt": attempt, "created": time.time()})
         try:
             for plan in plans_for(attempt):
                 workers.append(start_worker(plan))
         except WorkerStartError as exc:
             stop_workers(workers, grace_seconds, stop)
-            return Outcome(False, attempt, "StartFailed", str(exc), EXIT_FAILED, workers)
+            timeline[-1]["ended"] = time.time()
+            return Outcome(False, attempt, "StartFailed", str(exc), EXIT_FAILED, workers, timeline)
+        timeline[-1]["running"] = time.time()
         try:
             events.attempt_started(attempt, workers)
             result = watch(workers, stop, lambda: events.tick(workers), deadline)
+            timeline[-1]["ended"] = time.time()
             events.tick(workers)  # the last numbers before the processes go away
         except BaseException:
             stop_workers(workers, 0)  # whatever went wrong here, leave no worker behind
@@ -244,15 +252,15 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
             events.stopping(workers, grace_seconds)
         stop_workers(workers, 0 if result.succeeded else grace_seconds, stop)
         if result.succeeded:
-            return Outcome(True, attempt, "Succeeded", f"all workers succeeded in attempt {attempt}", EXIT_OK, workers)
+            return Outcome(True, attempt, "Succeeded", f"all workers succeeded in attempt {attempt}", EXIT_OK, workers, timeline)
         if result.interrupted_by is not None:
             name = signal.Signals(result.interrupted_by).name
             return Outcome(False, attempt, "Interrupted", f"stopped by {name}; all workers stopped",
-                           128 + result.interrupted_by, workers)
+                           128 + result.interrupted_by, workers, timeline)
         if result.deadline_exceeded:
             return Outcome(False, attempt, "DeadlineExceeded",
                            f"runPolicy.activeDeadlineSeconds ({deadline_seconds}s) passed; all workers stopped", EXIT_FAILED,
-                           workers)
+                           workers, timeline)
         failed = result.failed_worker
         message = f"attempt {attempt}: {failed.plan.label} {describe_exit(result.exit_code)}"
         tail = log_tail(failed.plan.log_path)
@@ -262,12 +270,12 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
             last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
             return Outcome(False, attempt, "ConfigError",
                            f"{failed.plan.label} refused its configuration (exit code {EXIT_CONFIG}), so it is not "
-                           f"retried: {last.strip()} (log: {failed.plan.log_path})", EXIT_FAILED, workers)
+                           f"retried: {last.strip()} (log: {failed.plan.log_path})", EXIT_FAILED, workers, timeline)
         if attempt > backoff_limit:
             events.attempt_failed(attempt, message, tail, None)
             return Outcome(False, attempt, "BackoffLimitExceeded",
                            f"{message}; runPolicy.backoffLimit ({backoff_limit}) restarts used up after {attempt} "
-                           f"attempt{'s' if attempt > 1 else ''} (log: {failed.plan.log_path})", EXIT_FAILED, workers)
+                           f"attempt{'s' if attempt > 1 else ''} (log: {failed.plan.log_path})", EXIT_FAILED, workers, timeline)
         wait = backoff_seconds(attempt, backoff_base)
         events.attempt_failed(attempt, message, tail, wait)
         until = time.monotonic() + wait
@@ -276,4 +284,4 @@ def supervise(plans_for: Callable[[int], list[WorkerPlan]], *, backoff_limit: in
         if stop.signum is not None:
             name = signal.Signals(stop.signum).name
             return Outcome(False, attempt, "Interrupted", f"stopped by {name} before attempt {attempt + 1}",
-                           128 + stop.signum, workers)
+                           128 + stop.signum, workers, timeline)

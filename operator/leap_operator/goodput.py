@@ -1,0 +1,298 @@
+"""Goodput: where a run's wall time went. Pure functions; the operator and `leap run` both use them.
+
+A run's wall time (its creation to its end, or to now) is split into parts that add up to it exactly:
+
+  scheduling    waiting for an attempt's workers to run: the run's creation (later attempts: their
+                Job's creation) until all pods run; on `leap run`, starting the processes
+  restarting    between attempts: an attempt's end until the next attempt's Job exists (teardown, backoff)
+  startup       rank 0's process start until its first training step, restore excluded (trainer counter)
+  restore       reading checkpoints back (trainer counter)
+  checkpoint    writing checkpoints (trainer counter)
+  evaluation    held-out evaluation between epochs (trainer counter)
+  productive    training steps that the run kept
+  lost          training steps redone after a restart: a failed attempt's steps after its last
+                checkpoint (its last step seen minus the next attempt's resume step), at that
+                attempt's step time; an attempt that checkpointed nothing loses all its steps
+  stalled       time with condition Stalled=True (the trainer's counters stand still meanwhile)
+  unattributed  the rest of the time workers ran, said out loud: the trainer's own time outside the
+                activities above (the final summary, process exit), steps after the last scrape of
+                an attempt that failed, an attempt never scraped (a program that exports no counters)
+
+ratio = productive / wall. Parts that need the trainer's counters are unknown (absent) until some
+attempt has reported them; unknown is never shown as 0.
+
+The trainer's counters (contract.M_TIME by activity, contract.M_RESUMED_STEP, contract.M_STEPS) are
+read from rank 0's /metrics as last scraped: per attempt, they say how its running time was spent.
+Steps after the last scrape are priced at the attempt's mean step time (its train seconds over its
+steps), capped so that an attempt's parts never exceed its running time.
+
+The record (status.goodput) holds the parts and, per attempt, the facts they come from (times and
+the last counters), so an operator that restarts carries on from the status alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any
+
+from leap_trainer import contract
+
+PARTS = ("productive", "scheduling", "startup", "restore", "checkpoint", "evaluation", "lost", "restarting",
+         "stalled", "unattributed")
+# Parts that only the trainer's counters can tell (absent while no attempt reported them).
+TRAINER_PARTS = ("productive", "startup", "restore", "checkpoint", "evaluation", "lost")
+# Trainer activity -> part of the account (train is split into productive and lost).
+ACTIVITY_PART = {contract.ACTIVITY_STARTUP: "startup", contract.ACTIVITY_RESTORE: "restore",
+                 contract.ACTIVITY_CHECKPOINT: "checkpoint", contract.ACTIVITY_EVALUATE: "evaluation"}
+STALLED = "Stalled"   # the condition type another part of the operator sets on a hung run
+_WANTED = (contract.M_TIME, contract.M_RESUMED_STEP, contract.M_STEPS)
+
+
+# --- reading the trainer's counters ------------------------------------------------------------------
+
+def counters_from_metrics_text(text: str) -> dict | None:
+    """Rank 0's goodput counters from a /metrics page: {"seconds": {activity: s}, "resumedStep": n,
+    "steps": n} (the lowest rank on the page), or None when the page has none (a program that
+    exports no leap_train_time_seconds_total). Only the few lines it needs are parsed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    lines = [line for line in text.splitlines() if line.startswith(_WANTED)]
+    if not any(line.startswith(contract.M_TIME) for line in lines):
+        return None
+    ranks: dict[float, dict] = {}
+    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
+        for sample in family.samples:
+            value = float(sample.value)
+            if math.isnan(value) or math.isinf(value):
+                continue
+            try:
+                rank = float(sample.labels.get("rank", 0))
+            except ValueError:
+                continue
+            out = ranks.setdefault(rank, {"seconds": {}})
+            if sample.name == contract.M_TIME and sample.labels.get(contract.TIME_LABEL) in contract.TIME_ACTIVITIES:
+                out["seconds"][sample.labels[contract.TIME_LABEL]] = round(value, 3)
+            elif sample.name == contract.M_RESUMED_STEP:
+                out["resumedStep"] = int(value)
+            elif sample.name == contract.M_STEPS:
+                out["steps"] = int(value)
+    found = [ranks[rank] for rank in sorted(ranks) if ranks[rank]["seconds"]]
+    return found[0] if found else None
+
+
+# --- the account ------------------------------------------------------------------------------------
+
+def _known(attempt: dict) -> bool:
+    return bool(attempt.get("seconds")) and attempt.get("steps") is not None
+
+
+def _attempt_parts(attempt: dict, window: float, next_resumed: int | None, final_step: int | None) -> dict:
+    """How one attempt's running window (all workers running until it ended) was spent."""
+    parts = dict.fromkeys(PARTS, 0.0)
+    if not _known(attempt):
+        parts["unattributed"] = window
+        return parts
+    seconds = attempt["seconds"]
+    measured = {part: float(seconds.get(activity) or 0.0) for activity, part in ACTIVITY_PART.items()}
+    total = sum(measured.values())
+    if total > window > 0:   # clocks of two machines: never more than the window
+        measured = {part: value * window / total for part, value in measured.items()}
+    elif window <= 0:
+        measured = dict.fromkeys(measured, 0.0)
+    parts.update(measured)
+    room = max(window - sum(measured.values()), 0.0)
+    resumed, seen = int(attempt.get("resumedStep") or 0), int(attempt.get("steps") or 0)
+    train_seen = float(seconds.get(contract.ACTIVITY_TRAIN) or 0.0)
+    end_step = resumed + seen
+    if final_step is not None:                               # succeeded: it did every remaining step
+        end_step = max(end_step, final_step)
+    elif next_resumed is not None:                           # it checkpointed after its last scrape
+        end_step = max(end_step, next_resumed)
+    done = end_step - resumed
+    step_time = train_seen / seen if seen > 0 else 0.0
+    train = min(train_seen + max(done - seen, 0) * step_time, room) if done > 0 else min(train_seen, room)
+    kept = done if next_resumed is None else min(done, max(next_resumed - resumed, 0))
+    if done > 0:
+        parts["productive"] = train * kept / done
+        parts["lost"] = train - parts["productive"]
+    else:
+        parts["lost"] = train
+    parts["unattributed"] = max(window - sum(measured.values()) - train, 0.0)
+    return parts
+
+
+def account(created: float, end: float, attempts: list[dict], *, final_step: int | None = None,
+            stalled_seconds: float = 0.0) -> dict:
+    """The run's account from its timeline (seconds on one clock).
+
+    created: the run's creation; end: when it finished (or now); attempts: in order, each
+    {"created", "running" (None: its workers never all ran), "ended" (None: still on), and, when
+    rank 0 reported them, "seconds" {activity: s}, "resumedStep", "steps"}; final_step: the run's
+    last step when it succeeded (its last attempt did every step up to it); stalled_seconds: time
+    with Stalled=True. Returns {"wallSeconds", "<part>Seconds"..., "ratio"}; trainer parts and the
+    ratio are absent while no attempt reported counters.
+    """
+    totals = dict.fromkeys(PARTS, 0.0)
+    clock = created   # time points are taken in order: a part is never negative, the sum telescopes
+
+    def advance(to: float | None, part: str) -> None:
+        nonlocal clock
+        if to is None:
+            return
+        to = min(max(to, clock), end)
+        totals[part] += to - clock
+        clock = to
+
+    for index, attempt in enumerate(attempts):
+        if index > 0:
+            advance(attempt.get("created"), "restarting")
+        running = attempt.get("running")
+        advance(running if running is not None else attempt.get("ended", end) or end, "scheduling")
+        if running is None:
+            continue
+        start = clock
+        stop = min(max(attempt.get("ended") if attempt.get("ended") is not None else end, start), end)
+        following = attempts[index + 1] if index + 1 < len(attempts) else None
+        next_resumed = None
+        if following is not None:
+            next_resumed = int(following["resumedStep"]) if following.get("resumedStep") is not None else 0
+        last = following is None and attempt.get("ended") is not None
+        parts = _attempt_parts(attempt, stop - start, next_resumed, final_step if last else None)
+        for part, value in parts.items():
+            totals[part] += value
+        clock = stop
+    advance(end, "restarting" if attempts and attempts[-1].get("ended") is not None else "scheduling")
+
+    stalled = min(max(stalled_seconds, 0.0), totals["unattributed"])
+    totals["stalled"], totals["unattributed"] = stalled, totals["unattributed"] - stalled
+    wall = round(end - created, 3) if end > created else 0.0
+    known = any(_known(a) and a.get("running") is not None for a in attempts)
+    out: dict[str, Any] = {"wallSeconds": wall}
+    for part in PARTS:
+        if part in TRAINER_PARTS and not known:
+            continue
+        out[f"{part}Seconds"] = round(totals[part], 3)
+    # Rounding must not break the sum: the remainder takes the rounding error.
+    others = sum(v for k, v in out.items() if k.endswith("Seconds") and k not in ("wallSeconds", "unattributedSeconds"))
+    out["unattributedSeconds"] = round(max(wall - others, 0.0), 3)
+    if known and wall > 0:
+        out["ratio"] = round(out["productiveSeconds"] / wall, 4)
+    return out
+
+
+def parts_sum(record: dict) -> float:
+    """The sum of a record's parts (equal to its wallSeconds, up to float addition)."""
+    return sum(record.get(f"{part}Seconds") or 0.0 for part in PARTS)
+
+
+# --- the record kept in status.goodput -------------------------------------------------------------
+
+def fmt(t: float) -> str:
+    """A time as RFC 3339 with milliseconds (status times elsewhere have seconds; parts are smaller)."""
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def parse(text: Any) -> float | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def stalled_total(record: dict, conditions: list[dict] | None, now: float) -> tuple[float, str | None, float]:
+    """(stalled seconds so far, the open episode's start, seconds of closed episodes) from the
+    record's bookkeeping and the Stalled condition now. An episode that ended between two looks
+    ends at the condition's lastTransitionTime (when it turned False)."""
+    closed = float(record.get("stalledClosedSeconds") or 0.0)
+    since = record.get("stalledSince")
+    cond = next((c for c in conditions or [] if c.get("type") == STALLED), None)
+    open_now = cond is not None and cond.get("status") == "True"
+    if since and (not open_now or cond.get("lastTransitionTime") != since):
+        began = parse(since)
+        ended = parse((cond or {}).get("lastTransitionTime")) if cond and not open_now else now
+        if began is not None:
+            closed += max((ended or now) - began, 0.0)
+        since = None
+    if open_now:
+        since = cond.get("lastTransitionTime")
+    current = max(now - (parse(since) or now), 0.0) if since else 0.0
+    return closed + current, since, closed
+
+
+def update(record: dict | None, *, created: float, now: float, attempt: int, phase: str,
+           job_created: float | None, counters: tuple[int, dict] | None, conditions: list[dict] | None = None,
+           final_step: int | None = None) -> dict:
+    """The run's new record (status.goodput) after one observation by the operator.
+
+    record: the last one (None: none yet); attempt, phase: the run's status now; job_created: the
+    creation time of this attempt's Job (None: not created yet); counters: (attempt, rank 0's
+    counters) as last scraped; final_step: the run's planned steps once it succeeded.
+    An attempt is running from the first observation in phase Running, and ended at the first
+    observation of a later attempt or of a finished run."""
+    record = dict(record or {})
+    attempts = [dict(a) for a in record.get("attempts") or []]
+    finished = phase in ("Succeeded", "Failed")
+    if counters is not None:
+        for entry in attempts:
+            if entry.get("attempt") == counters[0] and entry.get("ended") is None:
+                entry.update(counters[1])
+    for entry in attempts:   # earlier attempts ended when a later one began
+        if entry.get("attempt", 0) < attempt and entry.get("ended") is None:
+            entry["ended"] = fmt(now)
+    entry = next((a for a in attempts if a.get("attempt") == attempt), None)
+    if entry is None and job_created is not None:
+        entry = {"attempt": attempt, "created": fmt(job_created)}
+        if counters is not None and counters[0] == attempt:
+            entry.update(counters[1])
+        attempts.append(entry)
+    if entry is not None and entry.get("ended") is None:
+        if phase == "Running" and entry.get("running") is None:
+            entry["running"] = fmt(now)
+        if finished:
+            entry["ended"] = fmt(now)
+            entry["succeeded"] = phase == "Succeeded"
+    stalled, since, closed = stalled_total(record, conditions, now)
+    timeline = [{**a, "created": parse(a.get("created")), "running": parse(a.get("running")),
+                 "ended": parse(a.get("ended"))} for a in attempts]
+    end = timeline[-1]["ended"] if finished and timeline and timeline[-1]["ended"] is not None else now
+    succeeded = bool(attempts and attempts[-1].get("succeeded"))
+    out = account(created, end, timeline, final_step=final_step if succeeded else None, stalled_seconds=stalled)
+    out["attempts"] = attempts
+    if since:
+        out["stalledSince"] = since
+    if closed:
+        out["stalledClosedSeconds"] = round(closed, 3)
+    return out
+
+
+def summary_line(record: dict) -> str:
+    """'goodput 71.2% of 84.0s: productive 59.8s, scheduling 0.4s, ...': every part, in PARTS'
+    order; a part the trainer never reported says unknown."""
+    wall = record.get("wallSeconds") or 0.0
+    head = f"goodput {100 * record['ratio']:.1f}%" if record.get("ratio") is not None else "goodput unknown"
+    shown = [f"{part} {record[f'{part}Seconds']:.1f}s" if record.get(f"{part}Seconds") is not None
+             else f"{part} unknown" for part in PARTS]
+    return f"{head} of {wall:.1f}s: " + ", ".join(shown)
+
+
+def observe(record: dict | None, *, run: dict, status: dict, job: dict | None, counters: tuple[int, dict] | None,
+            total_steps: int | None, now: dt.datetime) -> dict:
+    """update() from the operator's objects: the TrainingRun (its creation), the status it is about
+    to write (attempt, phase, conditions), the Job it observed (used when it is this attempt's),
+    the run's planned steps (status.progress.totalSteps) if known."""
+    meta = run.get("metadata") or {}
+    attempt = int(status.get("attempt") or 1)
+    job_meta = (job or {}).get("metadata") or {}
+    labels = job_meta.get("labels") or {}
+    from leap_operator import names
+
+    this_attempt = job is not None and str(labels.get(names.LABEL_ATTEMPT, attempt)) == str(attempt)
+    total = total_steps
+    created = parse(meta.get("creationTimestamp")) or now.timestamp()
+    return update(record, created=created, now=now.timestamp(), attempt=attempt, phase=status.get("phase") or "",
+                  job_created=(parse(job_meta.get("creationTimestamp")) or now.timestamp()) if this_attempt else None,
+                  counters=counters, conditions=status.get("conditions"), final_step=int(total) if total else None)

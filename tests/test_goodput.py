@@ -1,0 +1,155 @@
+"""The goodput account (operator/leap_operator/goodput.py): pure, from timelines built here.
+
+Each part is checked against the timeline it comes from; the parts always add up to the wall
+time; what needs the trainer's counters stays unknown (absent) until an attempt reported them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from leap_operator import goodput as g
+from leap_trainer import contract
+
+
+def counters(*, startup=3.0, restore=0.0, checkpoint=1.0, train=20.0, evaluate=1.0, resumed=0, steps=200):
+    return {"seconds": {"startup": startup, "restore": restore, "checkpoint": checkpoint, "train": train,
+                        "evaluate": evaluate}, "resumedStep": resumed, "steps": steps}
+
+
+def test_a_run_restarted_once_splits_its_wall_time_into_parts_that_add_up():
+    attempts = [
+        {"created": 10.0, "running": 12.0, "ended": 40.0, **counters()},               # 200 steps at 0.1 s
+        {"created": 45.0, "running": 46.0, "ended": 70.0,
+         **counters(startup=2.0, restore=0.5, train=10.0, resumed=150, steps=100)},   # resumed at 150
+    ]
+    record = g.account(0.0, 70.0, attempts, final_step=300)
+    assert record["wallSeconds"] == 70.0
+    assert g.parts_sum(record) == pytest.approx(70.0)
+    assert record["schedulingSeconds"] == pytest.approx(12.0 + 1.0)   # creation -> running, Job -> running
+    assert record["restartingSeconds"] == pytest.approx(5.0)          # attempt 1 ended -> attempt 2's Job
+    assert record["lostSeconds"] == pytest.approx(50 * 0.1)           # steps 150..200 redone
+    assert record["restoreSeconds"] == pytest.approx(0.5)
+    # Kept: 150 steps of attempt 1, and attempt 2's 150 (100 seen + 50 after its last scrape) at 0.1 s.
+    assert record["productiveSeconds"] == pytest.approx(30.0)
+    assert record["ratio"] == pytest.approx(30.0 / 70.0, abs=1e-4)
+    assert record["unattributedSeconds"] == pytest.approx((28 - 5 - 20) + (24 - 4.5 - 15))
+
+
+def test_an_attempt_that_never_checkpointed_loses_all_its_steps():
+    attempts = [{"created": 0.0, "running": 1.0, "ended": 16.0, **counters(train=8.0, steps=80)},
+                {"created": 17.0, "running": 17.0, "ended": 35.0, **counters(train=10.0, resumed=0, steps=100)}]
+    record = g.account(0.0, 35.0, attempts, final_step=100)
+    assert record["lostSeconds"] == pytest.approx(8.0)
+    assert record["productiveSeconds"] == pytest.approx(10.0)
+    assert g.parts_sum(record) == pytest.approx(35.0)
+
+
+def test_without_counters_the_trainer_parts_and_the_ratio_are_unknown_not_zero():
+    record = g.account(0.0, 20.0, [{"created": 2.0, "running": 5.0, "ended": 20.0}])
+    for part in g.TRAINER_PARTS:
+        assert f"{part}Seconds" not in record
+    assert "ratio" not in record
+    assert record["schedulingSeconds"] == 5.0 and record["unattributedSeconds"] == 15.0
+    assert g.parts_sum(record) == pytest.approx(20.0)
+
+
+def test_a_run_waiting_for_its_pods_or_its_backoff_is_scheduling_or_restarting_until_now():
+    assert g.account(0.0, 7.0, [])["schedulingSeconds"] == 7.0
+    waiting = g.account(0.0, 9.0, [{"created": 1.0, "running": None, "ended": None}])
+    assert waiting["schedulingSeconds"] == 9.0
+    backoff = g.account(0.0, 30.0, [{"created": 0.0, "running": 2.0, "ended": 20.0, **counters(train=10, steps=100)}])
+    assert backoff["restartingSeconds"] == pytest.approx(10.0)
+    assert g.parts_sum(backoff) == pytest.approx(30.0)
+
+
+def test_counters_larger_than_the_window_are_capped_so_parts_never_exceed_the_wall():
+    record = g.account(0.0, 10.0, [{"created": 0.0, "running": 0.0, "ended": 10.0,
+                                    **counters(startup=6, checkpoint=6, train=0, evaluate=0, steps=0)}])
+    assert record["startupSeconds"] + record["checkpointSeconds"] == pytest.approx(10.0)
+    assert g.parts_sum(record) == pytest.approx(10.0)
+
+
+def _time(seconds: float) -> str:
+    return g.fmt(1_700_000_000.0 + seconds)
+
+
+def test_stalled_time_comes_from_the_stalled_condition_and_is_taken_out_of_the_remainder():
+    base = 1_700_000_000.0
+    run_status = {"attempt": 1, "phase": "Running"}
+    record = g.update(None, created=base, now=base + 5, attempt=1, phase="Running", job_created=base + 1,
+                      counters=(1, counters(startup=1, checkpoint=0, train=2, evaluate=0, steps=20)))
+    stalled = [{"type": "Stalled", "status": "True", "lastTransitionTime": _time(10)}]
+    record = g.update(record, created=base, now=base + 30, attempt=1, phase="Running", job_created=None,
+                      counters=None, conditions=stalled)
+    assert record["stalledSeconds"] == pytest.approx(20.0)
+    assert record["stalledSince"] == _time(10)
+    recovered = [{"type": "Stalled", "status": "False", "lastTransitionTime": _time(40)}]
+    record = g.update(record, created=base, now=base + 50, attempt=1, phase="Running", job_created=None,
+                      counters=None, conditions=recovered)
+    assert record["stalledSeconds"] == pytest.approx(30.0)   # 10 s to 40 s, closed
+    assert "stalledSince" not in record
+    assert g.parts_sum(record) == pytest.approx(record["wallSeconds"])
+    del run_status
+
+
+def test_the_operator_record_follows_attempts_through_a_restart_and_success():
+    base = 1_700_000_000.0
+    rec = g.update(None, created=base, now=base + 2, attempt=1, phase="Pending", job_created=base + 1, counters=None)
+    rec = g.update(rec, created=base, now=base + 4, attempt=1, phase="Running", job_created=base + 1, counters=None)
+    rec = g.update(rec, created=base, now=base + 20, attempt=1, phase="Running", job_created=None,
+                   counters=(1, counters(startup=2, checkpoint=1, train=10, evaluate=0, steps=100)))
+    # The operator sees the failure: status moves to attempt 2 (Restarting); attempt 1 ended then.
+    rec = g.update(rec, created=base, now=base + 22, attempt=2, phase="Restarting", job_created=None, counters=None)
+    assert rec["attempts"][0]["ended"] == g.fmt(base + 22)
+    rec = g.update(rec, created=base, now=base + 33, attempt=2, phase="Pending", job_created=base + 32, counters=None)
+    rec = g.update(rec, created=base, now=base + 35, attempt=2, phase="Running", job_created=base + 32,
+                   counters=(2, counters(startup=1, restore=0.5, checkpoint=1, train=5, evaluate=0, resumed=80, steps=50)))
+    rec = g.update(rec, created=base, now=base + 50, attempt=2, phase="Succeeded", job_created=base + 32,
+                   counters=None, final_step=150)
+    assert [a["attempt"] for a in rec["attempts"]] == [1, 2] and rec["attempts"][1]["succeeded"] is True
+    assert rec["wallSeconds"] == pytest.approx(50.0)
+    assert rec["restartingSeconds"] == pytest.approx(32 - 22)
+    assert rec["schedulingSeconds"] == pytest.approx(4 + (35 - 32))
+    assert rec["lostSeconds"] == pytest.approx(20 * 0.1)   # attempt 1 saw step 100, attempt 2 resumed at 80
+    assert rec["restoreSeconds"] == pytest.approx(0.5)
+    assert g.parts_sum(rec) == pytest.approx(50.0)
+    later = g.update(rec, created=base, now=base + 500, attempt=2, phase="Succeeded", job_created=None, counters=None)
+    assert later["wallSeconds"] == rec["wallSeconds"]      # a finished run's account is final
+
+
+def test_counters_are_read_from_a_trainer_metrics_page():
+    from prometheus_client import generate_latest
+    from leap_trainer.metrics import TrainingMetrics
+
+    metrics = TrainingMetrics(run="r", namespace="n", rank=0, framework="pytorch", accelerator="cpu", port=None,
+                              flops_per_sample=1.0, peak_flops=None, total_steps=100, initial_step=40)
+    page = generate_latest(metrics.registry).decode()
+    assert "startup" not in g.counters_from_metrics_text(page)["seconds"]   # unknown until the first step
+    metrics.add_time(contract.ACTIVITY_RESTORE, 0.25)
+    metrics.training_started()
+    metrics.report(steps=10, samples=640, seconds=1.5)
+    with metrics.timed(contract.ACTIVITY_CHECKPOINT):
+        pass
+    found = g.counters_from_metrics_text(generate_latest(metrics.registry).decode())
+    assert found["resumedStep"] == 40 and found["steps"] == 10
+    assert found["seconds"]["restore"] == 0.25 and found["seconds"]["train"] == 1.5
+    assert found["seconds"]["startup"] > 0
+    assert g.counters_from_metrics_text("leap_train_steps_total 3\n") is None   # a program without them
+    with pytest.raises(ValueError, match="unknown activity"):
+        metrics.add_time("lunch", 1.0)
+
+
+def test_gauges_carry_the_record_and_go_with_the_run():
+    from prometheus_client import generate_latest
+    from leap_operator import names, opmetrics
+
+    record = g.account(0.0, 70.0, [{"created": 1.0, "running": 2.0, "ended": 70.0, **counters()}])
+    opmetrics.set_goodput(("ns", "gp-run"), record)
+    text = generate_latest(opmetrics.REGISTRY).decode()
+    assert f'{names.OM_GOODPUT_RATIO}{{namespace="ns",run="gp-run"}} {record["ratio"]}' in text
+    assert f'{names.OM_GOODPUT_SECONDS}{{namespace="ns",part="lost",run="gp-run"}}' in text
+    opmetrics.set_goodput(("ns", "gp-run"), None)
+    assert "gp-run" not in generate_latest(opmetrics.REGISTRY).decode()
