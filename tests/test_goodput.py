@@ -153,3 +153,23 @@ def test_gauges_carry_the_record_and_go_with_the_run():
     assert f'{names.OM_GOODPUT_SECONDS}{{namespace="ns",part="lost",run="gp-run"}}' in text
     opmetrics.set_goodput(("ns", "gp-run"), None)
     assert "gp-run" not in generate_latest(opmetrics.REGISTRY).decode()
+
+
+def test_a_job_stamped_in_whole_seconds_is_placed_by_when_it_was_first_seen():
+    # Kubernetes stamps 12:00:43 for a Job created at 43.9 s; attempt 1 ended at 43.75 s (the operator's
+    # clock). Taken as 43.0, the Job would precede the end and the restart's 0.15 s would vanish.
+    base = 1_700_000_040.0
+    stamp = g.fmt(base + 3).replace(".000Z", "Z")
+    assert g.created_at(stamp, base + 3.9) == base + 3.9          # first seen within its second
+    assert g.created_at(stamp, base + 9.0) == base + 4.0          # seen late: no later than t + 1
+    assert g.created_at(stamp, base + 2.0) == base + 3.0          # a clock behind the server's: t
+    assert g.created_at(g.fmt(base + 3.25), base + 9.0) == base + 3.25   # sub-second stamps are taken as they are
+    assert g.created_at(None, base + 5.0) == base + 5.0
+    rec = g.update(None, created=base, now=base + 1.2, attempt=1, phase="Running",
+                   job_created=g.created_at(g.fmt(base).replace(".000Z", "Z"), base + 0.4), counters=None)
+    rec = g.update(rec, created=base, now=base + 3.75, attempt=2, phase="Restarting", job_created=None, counters=None)
+    rec = g.update(rec, created=base, now=base + 3.95, attempt=2, phase="Pending",
+                   job_created=g.created_at(stamp, base + 3.9), counters=None)
+    assert rec["restartingSeconds"] == pytest.approx(3.9 - 3.75)
+    assert rec["schedulingSeconds"] == pytest.approx(1.2 + (3.95 - 3.9))
+    assert g.parts_sum(rec) == pytest.approx(rec["wallSeconds"])

@@ -203,6 +203,20 @@ def parse(text: Any) -> float | None:
     return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
+def created_at(timestamp: Any, seen: float) -> float:
+    """When an object was created, from its creationTimestamp and the first time it was seen.
+    Kubernetes keeps whole seconds: an object stamped t was created in [t, t + 1), and not after
+    it was seen, so the estimate is min(seen, t + 1) (never before t). Without the narrowing, an
+    attempt's Job created 0.8 s after the previous attempt ended would look created before it, and
+    its restarting time would vanish into scheduling."""
+    stamped = parse(timestamp)
+    if stamped is None:
+        return seen
+    if stamped != int(stamped):   # a timestamp with a fraction needs no narrowing
+        return stamped
+    return min(max(seen, stamped), stamped + 1.0)
+
+
 def stalled_total(record: dict, conditions: list[dict] | None, now: float) -> tuple[float, str | None, float]:
     """(stalled seconds so far, the open episode's start, seconds of closed episodes) from the
     record's bookkeeping and the Stalled condition now. An episode that ended between two looks
@@ -294,5 +308,5 @@ def observe(record: dict | None, *, run: dict, status: dict, job: dict | None, c
     total = total_steps
     created = parse(meta.get("creationTimestamp")) or now.timestamp()
     return update(record, created=created, now=now.timestamp(), attempt=attempt, phase=status.get("phase") or "",
-                  job_created=(parse(job_meta.get("creationTimestamp")) or now.timestamp()) if this_attempt else None,
+                  job_created=created_at(job_meta.get("creationTimestamp"), now.timestamp()) if this_attempt else None,
                   counters=counters, conditions=status.get("conditions"), final_step=int(total) if total else None)
