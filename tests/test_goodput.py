@@ -173,3 +173,36 @@ def test_a_job_stamped_in_whole_seconds_is_placed_by_when_it_was_first_seen():
     assert rec["restartingSeconds"] == pytest.approx(3.9 - 3.75)
     assert rec["schedulingSeconds"] == pytest.approx(1.2 + (3.95 - 3.9))
     assert g.parts_sum(rec) == pytest.approx(rec["wallSeconds"])
+
+
+def test_a_run_of_300_attempts_keeps_the_last_attempts_and_its_account_stays_exact():
+    # status.goodput.attempts is capped by the CRD: older attempts are folded into carried totals.
+    from leap_operator import api
+
+    base, rec, timeline = 1_700_000_000.0, None, []
+    for n in range(1, 301):
+        t = base + 7.0 * (n - 1)
+        # Attempt n: Job created at t + 0.5, workers running at t + 1.5, scraped at t + 5 (20 steps resumed
+        # per attempt, 30 seen), failure seen at t + 7 (except the last, which succeeds at t + 6).
+        facts = counters(startup=1.0, restore=0.2 if n > 1 else 0.0, checkpoint=0.3, train=3.0, evaluate=0.0,
+                         resumed=20 * (n - 1), steps=30)
+        rec = g.update(rec, created=base, now=t + 0.6, attempt=n, phase="Pending", job_created=t + 0.5, counters=None)
+        rec = g.update(rec, created=base, now=t + 1.5, attempt=n, phase="Running", job_created=t + 0.5, counters=None)
+        rec = g.update(rec, created=base, now=t + 5.0, attempt=n, phase="Running", job_created=None, counters=(n, facts))
+        last = n == 300
+        rec = g.update(rec, created=base, now=t + (6.0 if last else 7.0), attempt=n if last else n + 1,
+                       phase="Succeeded" if last else "Restarting", job_created=None, counters=None,
+                       final_step=20 * 299 + 30 if last else None)
+        timeline.append({"created": t + 0.5, "running": t + 1.5, "ended": t + (6.0 if last else 7.0), **facts})
+        assert len(rec["attempts"]) <= g.KEEP_ATTEMPTS + 1   # + the one that has not ended, at most
+        api.Goodput.model_validate(rec)                        # a valid status.goodput all along
+    assert [a["attempt"] for a in rec["attempts"]] == list(range(301 - g.KEEP_ATTEMPTS, 301))
+    assert rec["carried"]["attempts"] == 300 - g.KEEP_ATTEMPTS
+    assert g.KEEP_ATTEMPTS <= api.Goodput.model_fields["attempts"].metadata[0].max_length
+    # The same account as from every attempt's facts, kept in full.
+    full = g.account(base, timeline[-1]["ended"], timeline, final_step=20 * 299 + 30)
+    for key, value in full.items():
+        assert rec[key] == pytest.approx(value, abs=0.002), key
+    assert rec["lostSeconds"] == pytest.approx(299 * 10 * 0.1)      # 10 of 30 steps redone per failed attempt
+    assert rec["restartingSeconds"] == pytest.approx(299 * 0.5)      # failure seen -> next Job
+    assert g.parts_sum(rec) == pytest.approx(rec["wallSeconds"])
