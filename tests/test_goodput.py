@@ -206,3 +206,29 @@ def test_a_run_of_300_attempts_keeps_the_last_attempts_and_its_account_stays_exa
     assert rec["lostSeconds"] == pytest.approx(299 * 10 * 0.1)      # 10 of 30 steps redone per failed attempt
     assert rec["restartingSeconds"] == pytest.approx(299 * 0.5)      # failure seen -> next Job
     assert g.parts_sum(rec) == pytest.approx(rec["wallSeconds"])
+
+
+def test_work_is_not_lost_before_a_later_attempt_says_where_it_resumed():
+    # The flake: attempt 1 (100 steps seen, checkpoint at 80) was reported to have lost all its 10 s
+    # of training while attempt 2 had not been scraped yet: its unknown resume step counted as 0.
+    base = 1_700_000_000.0
+    rec = g.update(None, created=base, now=base + 2, attempt=1, phase="Running", job_created=base + 1, counters=None)
+    rec = g.update(rec, created=base, now=base + 20, attempt=1, phase="Running", job_created=None,
+                   counters=(1, counters(startup=2, checkpoint=1, train=10, evaluate=0, steps=100)))
+    rec = g.update(rec, created=base, now=base + 22, attempt=2, phase="Restarting", job_created=None, counters=None)
+    rec = g.update(rec, created=base, now=base + 24, attempt=2, phase="Running", job_created=base + 23, counters=None)
+    assert rec["lostSeconds"] == 0 and rec["productiveSeconds"] == 0   # undecided: said as unattributed
+    assert rec["unattributedSeconds"] == pytest.approx(20 - 3)          # attempt 1: its 20 s window less startup, checkpoint
+    assert g.parts_sum(rec) == pytest.approx(rec["wallSeconds"])
+    scraped = g.update(rec, created=base, now=base + 26, attempt=2, phase="Running", job_created=None,
+                       counters=(2, counters(startup=1, restore=0.5, checkpoint=0, train=0, evaluate=0, resumed=80, steps=0)))
+    assert scraped["lostSeconds"] == pytest.approx(20 * 0.1)          # now known: steps 80..100 redone
+    assert scraped["productiveSeconds"] == pytest.approx(80 * 0.1)
+    # Attempt 2 died before it served its counters; attempt 3 tells where the run resumed.
+    rec = g.update(rec, created=base, now=base + 30, attempt=3, phase="Restarting", job_created=None, counters=None)
+    rec = g.update(rec, created=base, now=base + 31, attempt=3, phase="Running", job_created=base + 31, counters=None)
+    rec = g.update(rec, created=base, now=base + 35, attempt=3, phase="Running", job_created=None,
+                   counters=(3, counters(startup=1, restore=0.5, checkpoint=0, train=2, evaluate=0, resumed=80, steps=20)))
+    assert rec["lostSeconds"] == pytest.approx(20 * 0.1)
+    assert rec["productiveSeconds"] == pytest.approx(80 * 0.1 + 2)
+    assert g.parts_sum(rec) == pytest.approx(rec["wallSeconds"])

@@ -16,7 +16,8 @@ A run's wall time (its creation to its end, or to now) is split into parts that 
   stalled       time with condition Stalled=True (the trainer's counters stand still meanwhile)
   unattributed  the rest of the time workers ran, said out loud: the trainer's own time outside the
                 activities above (the final summary, process exit), steps after the last scrape of
-                an attempt that failed, an attempt never scraped (a program that exports no counters)
+                an attempt that failed, an attempt never scraped (a program that exports no counters),
+                the training of an attempt while no later attempt has said where it resumed
 
 ratio = productive / wall. Parts that need the trainer's counters are unknown (absent) until some
 attempt has reported them; unknown is never shown as 0.
@@ -92,9 +93,19 @@ def _known(attempt: dict) -> bool:
     return bool(attempt.get("seconds")) and attempt.get("steps") is not None
 
 
-def _attempt_parts(attempt: dict, window: float, next_resumed: int | None, final_step: int | None) -> dict:
-    """How one attempt's running window (all workers running until it ended) was spent."""
+# A later attempt exists but none has said where it resumed (not scraped yet, or it never served
+# its counters): which of this attempt's steps were kept is not known yet.
+UNDECIDED = object()
+
+
+def _attempt_parts(attempt: dict, window: float, next_resumed, final_step: int | None) -> dict:
+    """How one attempt's running window (all workers running until it ended) was spent.
+    next_resumed: the step the run resumed at after it (None: no later attempt; UNDECIDED)."""
     parts = dict.fromkeys(PARTS, 0.0)
+    if next_resumed is UNDECIDED and _known(attempt):   # its training stays unattributed until known
+        attempt = {**attempt, "seconds": {k: v for k, v in attempt["seconds"].items() if k != contract.ACTIVITY_TRAIN},
+                   "steps": 0, "resumedStep": 0}
+        next_resumed = 0
     if not _known(attempt):
         parts["unattributed"] = window
         return parts
@@ -127,11 +138,20 @@ def _attempt_parts(attempt: dict, window: float, next_resumed: int | None, final
     return parts
 
 
+def _resumed_after(later: list[dict]):
+    """The step the run resumed at after an attempt: the first later attempt that reported its
+    resumedStep (an attempt that died before reporting resumed from the same checkpoints);
+    UNDECIDED while none has; None when there is no later attempt."""
+    if not later:
+        return None
+    return next((int(a["resumedStep"]) for a in later if a.get("resumedStep") is not None), UNDECIDED)
+
+
 def _tally(created: float, end: float, attempts: list[dict], *, carried: dict | None = None,
-           after: dict | None = None, final_step: int | None = None) -> tuple[dict, float]:
+           after: list[dict] | None = None, final_step: int | None = None) -> tuple[dict, float]:
     """The parts of the attempts' time, up to the end of the last attempt that ran: (totals,
     clock). carried: the record's totals of older attempts (seconds by part, until when); after:
-    the attempt that follows the last one given (its resumedStep prices the last one's lost work)."""
+    the attempts that follow the ones given (where they resumed prices the last one's lost work)."""
     totals = dict.fromkeys(PARTS, 0.0)
     clock = created   # time points are taken in order: a part is never negative, the sum telescopes
     if carried:
@@ -157,11 +177,9 @@ def _tally(created: float, end: float, attempts: list[dict], *, carried: dict | 
             continue
         start = clock
         stop = min(max(attempt.get("ended") if attempt.get("ended") is not None else end, start), end)
-        following = attempts[index + 1] if index + 1 < len(attempts) else after
-        next_resumed = None
-        if following is not None:
-            next_resumed = int(following["resumedStep"]) if following.get("resumedStep") is not None else 0
-        last = following is None and attempt.get("ended") is not None
+        later = attempts[index + 1:] + list(after or [])
+        next_resumed = _resumed_after(later)
+        last = not later and attempt.get("ended") is not None
         parts = _attempt_parts(attempt, stop - start, next_resumed, final_step if last else None)
         for part, value in parts.items():
             totals[part] += value
@@ -204,9 +222,9 @@ def account(created: float, end: float, attempts: list[dict], *, final_step: int
     return out
 
 
-def fold(created: float, older: list[dict], after: dict, carried: dict | None = None) -> dict:
-    """Older attempts (each ended, as has `after`, the attempt that follows them: their facts are
-    final) folded into carried totals, so the record keeps only recent attempts and stays exact.
+def fold(created: float, older: list[dict], after: list[dict], carried: dict | None = None) -> dict:
+    """Older attempts (each ended, as has the first of `after`, the attempts that follow them: their
+    facts are final) folded into carried totals, so the record keeps only recent attempts and stays exact.
     Stalled time is not in them: it is the run's, taken out of the remainder at the end."""
     until = older[-1]["ended"]
     totals, clock = _tally(created, until, older, carried=carried, after=after)
@@ -314,7 +332,7 @@ def update(record: dict | None, *, created: float, now: float, attempt: int, pha
            and timeline[folded + 1]["ended"] is not None):
         folded += 1
     if folded:
-        carried = fold(created, timeline[:folded], timeline[folded], carried)
+        carried = fold(created, timeline[:folded], timeline[folded:], carried)
         attempts, timeline = attempts[folded:], timeline[folded:]
     end = timeline[-1]["ended"] if finished and timeline and timeline[-1]["ended"] is not None else now
     succeeded = bool(attempts and attempts[-1].get("succeeded"))
