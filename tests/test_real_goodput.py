@@ -82,6 +82,7 @@ def test_a_run_restarted_once_accounts_for_its_lost_work_and_restore_in_status_a
     status = obj["status"]
     assert status["phase"] == "Succeeded" and status["restarts"] == 1, status
     record = status["goodput"]
+    print("status.goodput:", json.dumps(record))   # for a post-mortem
     parts = {part: record[f"{part}Seconds"] for part in PARTS}   # every part known: the trainer reported
     wall = record["wallSeconds"]
 
