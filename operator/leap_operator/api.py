@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from leap_trainer import contract, specs
 from leap_trainer.specs import MODEL_LAYERS
 
+from leap_operator.goodput import KEEP_ATTEMPTS
+
 # --- Small shared vocabularies --------------------------------------------------------------
 
 FRAMEWORKS = ("pytorch", "tensorflow")
@@ -514,6 +516,29 @@ class GoodputAttempt(_Model):
     seconds: GoodputTime | None = None
 
 
+class GoodputParts(_Model):
+    """Seconds by part of the account (the parts of status.goodput)."""
+    productive: float | None = Field(None, ge=0)
+    scheduling: float | None = Field(None, ge=0)
+    startup: float | None = Field(None, ge=0)
+    restore: float | None = Field(None, ge=0)
+    checkpoint: float | None = Field(None, ge=0)
+    evaluation: float | None = Field(None, ge=0)
+    lost: float | None = Field(None, ge=0)
+    restarting: float | None = Field(None, ge=0)
+    stalled: float | None = Field(None, ge=0)
+    unattributed: float | None = Field(None, ge=0)
+
+
+class GoodputCarried(_Model):
+    """Older attempts folded into totals (their facts are final): the account starts from them, so
+    it stays exact while status.goodput.attempts stays short."""
+    attempts: int = Field(..., ge=1, description="How many attempts are folded in.")
+    until: str = Field(..., json_schema_extra={"format": "date-time"}, description="Where their time ends.")
+    known: bool = Field(False, description="Some of them reported the trainer's time counters.")
+    seconds: GoodputParts | None = None
+
+
 class Goodput(_Model):
     """Where the run's wall time went; the parts add up to wallSeconds (docs/monitoring.md, Goodput).
     Parts that need the trainer's counters are absent until rank 0 has reported them."""
@@ -531,7 +556,8 @@ class Goodput(_Model):
     unattributedSeconds: float = Field(0, ge=0, description="The rest, said out loud (see docs/monitoring.md).")
     stalledSince: str | None = Field(None, json_schema_extra={"format": "date-time"})
     stalledClosedSeconds: float | None = Field(None, ge=0)
-    attempts: list[GoodputAttempt] | None = Field(None, max_length=256)
+    attempts: list[GoodputAttempt] | None = Field(None, max_length=256, description=f"The last attempts' facts ({KEEP_ATTEMPTS} at most; older ones are in carried).")
+    carried: GoodputCarried | None = None
 
 
 class TrainingRunStatus(_Model):

@@ -16,7 +16,8 @@ A run's wall time (its creation to its end, or to now) is split into parts that 
   stalled       time with condition Stalled=True (the trainer's counters stand still meanwhile)
   unattributed  the rest of the time workers ran, said out loud: the trainer's own time outside the
                 activities above (the final summary, process exit), steps after the last scrape of
-                an attempt that failed, an attempt never scraped (a program that exports no counters)
+                an attempt that failed, an attempt never scraped (a program that exports no counters),
+                the training of an attempt while no later attempt has said where it resumed
 
 ratio = productive / wall. Parts that need the trainer's counters are unknown (absent) until some
 attempt has reported them; unknown is never shown as 0.
@@ -27,7 +28,9 @@ Steps after the last scrape are priced at the attempt's mean step time (its trai
 steps), capped so that an attempt's parts never exceed its running time.
 
 The record (status.goodput) holds the parts and, per attempt, the facts they come from (times and
-the last counters), so an operator that restarts carries on from the status alone.
+the last counters), so an operator that restarts carries on from the status alone. It keeps the
+last KEEP_ATTEMPTS attempts; older ones (ended, as has the attempt after each) are folded into
+`carried` (their parts' totals and the time they reach), which the account starts from.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ TRAINER_PARTS = ("productive", "startup", "restore", "checkpoint", "evaluation",
 # Trainer activity -> part of the account (train is split into productive and lost).
 ACTIVITY_PART = {contract.ACTIVITY_STARTUP: "startup", contract.ACTIVITY_RESTORE: "restore",
                  contract.ACTIVITY_CHECKPOINT: "checkpoint", contract.ACTIVITY_EVALUATE: "evaluation"}
+# status.goodput keeps this many attempts' facts; older ones are folded into status.goodput.carried
+# (totals by part, exact), so a run restarted many times keeps its status writes small.
+KEEP_ATTEMPTS = 16
 STALLED = "Stalled"   # the condition type another part of the operator sets on a hung run
 _WANTED = (contract.M_TIME, contract.M_RESUMED_STEP, contract.M_STEPS)
 
@@ -87,9 +93,19 @@ def _known(attempt: dict) -> bool:
     return bool(attempt.get("seconds")) and attempt.get("steps") is not None
 
 
-def _attempt_parts(attempt: dict, window: float, next_resumed: int | None, final_step: int | None) -> dict:
-    """How one attempt's running window (all workers running until it ended) was spent."""
+# A later attempt exists but none has said where it resumed (not scraped yet, or it never served
+# its counters): which of this attempt's steps were kept is not known yet.
+UNDECIDED = object()
+
+
+def _attempt_parts(attempt: dict, window: float, next_resumed, final_step: int | None) -> dict:
+    """How one attempt's running window (all workers running until it ended) was spent.
+    next_resumed: the step the run resumed at after it (None: no later attempt; UNDECIDED)."""
     parts = dict.fromkeys(PARTS, 0.0)
+    if next_resumed is UNDECIDED and _known(attempt):   # its training stays unattributed until known
+        attempt = {**attempt, "seconds": {k: v for k, v in attempt["seconds"].items() if k != contract.ACTIVITY_TRAIN},
+                   "steps": 0, "resumedStep": 0}
+        next_resumed = 0
     if not _known(attempt):
         parts["unattributed"] = window
         return parts
@@ -122,19 +138,27 @@ def _attempt_parts(attempt: dict, window: float, next_resumed: int | None, final
     return parts
 
 
-def account(created: float, end: float, attempts: list[dict], *, final_step: int | None = None,
-            stalled_seconds: float = 0.0) -> dict:
-    """The run's account from its timeline (seconds on one clock).
+def _resumed_after(later: list[dict]):
+    """The step the run resumed at after an attempt: the first later attempt that reported its
+    resumedStep (an attempt that died before reporting resumed from the same checkpoints);
+    UNDECIDED while none has; None when there is no later attempt."""
+    if not later:
+        return None
+    return next((int(a["resumedStep"]) for a in later if a.get("resumedStep") is not None), UNDECIDED)
 
-    created: the run's creation; end: when it finished (or now); attempts: in order, each
-    {"created", "running" (None: its workers never all ran), "ended" (None: still on), and, when
-    rank 0 reported them, "seconds" {activity: s}, "resumedStep", "steps"}; final_step: the run's
-    last step when it succeeded (its last attempt did every step up to it); stalled_seconds: time
-    with Stalled=True. Returns {"wallSeconds", "<part>Seconds"..., "ratio"}; trainer parts and the
-    ratio are absent while no attempt reported counters.
-    """
+
+def _tally(created: float, end: float, attempts: list[dict], *, carried: dict | None = None,
+           after: list[dict] | None = None, final_step: int | None = None) -> tuple[dict, float]:
+    """The parts of the attempts' time, up to the end of the last attempt that ran: (totals,
+    clock). carried: the record's totals of older attempts (seconds by part, until when); after:
+    the attempts that follow the ones given (where they resumed prices the last one's lost work)."""
     totals = dict.fromkeys(PARTS, 0.0)
     clock = created   # time points are taken in order: a part is never negative, the sum telescopes
+    if carried:
+        for part, value in (carried.get("seconds") or {}).items():
+            if part in totals:
+                totals[part] += float(value)
+        clock = min(max(carried.get("until", created), created), end)
 
     def advance(to: float | None, part: str) -> None:
         nonlocal clock
@@ -145,7 +169,7 @@ def account(created: float, end: float, attempts: list[dict], *, final_step: int
         clock = to
 
     for index, attempt in enumerate(attempts):
-        if index > 0:
+        if index > 0 or carried:
             advance(attempt.get("created"), "restarting")
         running = attempt.get("running")
         advance(running if running is not None else attempt.get("ended", end) or end, "scheduling")
@@ -153,21 +177,38 @@ def account(created: float, end: float, attempts: list[dict], *, final_step: int
             continue
         start = clock
         stop = min(max(attempt.get("ended") if attempt.get("ended") is not None else end, start), end)
-        following = attempts[index + 1] if index + 1 < len(attempts) else None
-        next_resumed = None
-        if following is not None:
-            next_resumed = int(following["resumedStep"]) if following.get("resumedStep") is not None else 0
-        last = following is None and attempt.get("ended") is not None
+        later = attempts[index + 1:] + list(after or [])
+        next_resumed = _resumed_after(later)
+        last = not later and attempt.get("ended") is not None
         parts = _attempt_parts(attempt, stop - start, next_resumed, final_step if last else None)
         for part, value in parts.items():
             totals[part] += value
         clock = stop
-    advance(end, "restarting" if attempts and attempts[-1].get("ended") is not None else "scheduling")
+    return totals, clock
+
+
+def account(created: float, end: float, attempts: list[dict], *, final_step: int | None = None,
+            stalled_seconds: float = 0.0, carried: dict | None = None) -> dict:
+    """The run's account from its timeline (seconds on one clock).
+
+    created: the run's creation; end: when it finished (or now); attempts: in order, each
+    {"created", "running" (None: its workers never all ran), "ended" (None: still on), and, when
+    rank 0 reported them, "seconds" {activity: s}, "resumedStep", "steps"}; final_step: the run's
+    last step when it succeeded (its last attempt did every step up to it); stalled_seconds: time
+    with Stalled=True; carried: older attempts already folded into totals ({"seconds": {part: s},
+    "until": the clock after them, "known": whether they reported counters}; see fold()).
+    Returns {"wallSeconds", "<part>Seconds"..., "ratio"}; trainer parts and the ratio are absent
+    while no attempt reported counters.
+    """
+    totals, clock = _tally(created, end, attempts, carried=carried, final_step=final_step)
+    if end > clock:   # after the last attempt: waiting for the next one, or for the first
+        ended = attempts[-1].get("ended") is not None if attempts else bool(carried)
+        totals["restarting" if ended else "scheduling"] += end - clock
 
     stalled = min(max(stalled_seconds, 0.0), totals["unattributed"])
     totals["stalled"], totals["unattributed"] = stalled, totals["unattributed"] - stalled
     wall = round(end - created, 3) if end > created else 0.0
-    known = any(_known(a) and a.get("running") is not None for a in attempts)
+    known = bool((carried or {}).get("known")) or any(_known(a) and a.get("running") is not None for a in attempts)
     out: dict[str, Any] = {"wallSeconds": wall}
     for part in PARTS:
         if part in TRAINER_PARTS and not known:
@@ -179,6 +220,17 @@ def account(created: float, end: float, attempts: list[dict], *, final_step: int
     if known and wall > 0:
         out["ratio"] = round(out["productiveSeconds"] / wall, 4)
     return out
+
+
+def fold(created: float, older: list[dict], after: list[dict], carried: dict | None = None) -> dict:
+    """Older attempts (each ended, as has the first of `after`, the attempts that follow them: their
+    facts are final) folded into carried totals, so the record keeps only recent attempts and stays exact.
+    Stalled time is not in them: it is the run's, taken out of the remainder at the end."""
+    until = older[-1]["ended"]
+    totals, clock = _tally(created, until, older, carried=carried, after=after)
+    known = bool((carried or {}).get("known")) or any(_known(a) and a.get("running") is not None for a in older)
+    return {"attempts": int((carried or {}).get("attempts") or 0) + len(older), "until": clock, "known": known,
+            "seconds": {part: round(value, 6) for part, value in totals.items() if value}}
 
 
 def parts_sum(record: dict) -> float:
@@ -201,6 +253,20 @@ def parse(text: Any) -> float | None:
     except ValueError:
         return None
     return (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).timestamp()
+
+
+def created_at(timestamp: Any, seen: float) -> float:
+    """When an object was created, from its creationTimestamp and the first time it was seen.
+    Kubernetes keeps whole seconds: an object stamped t was created in [t, t + 1), and not after
+    it was seen, so the estimate is min(seen, t + 1) (never before t). Without the narrowing, an
+    attempt's Job created 0.8 s after the previous attempt ended would look created before it, and
+    its restarting time would vanish into scheduling."""
+    stamped = parse(timestamp)
+    if stamped is None:
+        return seen
+    if stamped != int(stamped):   # a timestamp with a fraction needs no narrowing
+        return stamped
+    return min(max(seen, stamped), stamped + 1.0)
 
 
 def stalled_total(record: dict, conditions: list[dict] | None, now: float) -> tuple[float, str | None, float]:
@@ -258,10 +324,23 @@ def update(record: dict | None, *, created: float, now: float, attempt: int, pha
     stalled, since, closed = stalled_total(record, conditions, now)
     timeline = [{**a, "created": parse(a.get("created")), "running": parse(a.get("running")),
                  "ended": parse(a.get("ended"))} for a in attempts]
+    carried = record.get("carried")
+    if carried:
+        carried = {**carried, "until": parse(carried.get("until")) or created}
+    folded = 0   # the oldest attempts beyond KEEP_ATTEMPTS, each with its successor ended (final facts)
+    while (folded < len(attempts) - KEEP_ATTEMPTS and timeline[folded]["ended"] is not None
+           and timeline[folded + 1]["ended"] is not None):
+        folded += 1
+    if folded:
+        carried = fold(created, timeline[:folded], timeline[folded:], carried)
+        attempts, timeline = attempts[folded:], timeline[folded:]
     end = timeline[-1]["ended"] if finished and timeline and timeline[-1]["ended"] is not None else now
     succeeded = bool(attempts and attempts[-1].get("succeeded"))
-    out = account(created, end, timeline, final_step=final_step if succeeded else None, stalled_seconds=stalled)
+    out = account(created, end, timeline, final_step=final_step if succeeded else None, stalled_seconds=stalled,
+                  carried=carried)
     out["attempts"] = attempts
+    if carried:
+        out["carried"] = {**carried, "until": fmt(carried["until"])}
     if since:
         out["stalledSince"] = since
     if closed:
@@ -294,5 +373,5 @@ def observe(record: dict | None, *, run: dict, status: dict, job: dict | None, c
     total = total_steps
     created = parse(meta.get("creationTimestamp")) or now.timestamp()
     return update(record, created=created, now=now.timestamp(), attempt=attempt, phase=status.get("phase") or "",
-                  job_created=(parse(job_meta.get("creationTimestamp")) or now.timestamp()) if this_attempt else None,
+                  job_created=created_at(job_meta.get("creationTimestamp"), now.timestamp()) if this_attempt else None,
                   counters=counters, conditions=status.get("conditions"), final_step=int(total) if total else None)

@@ -334,8 +334,10 @@ class Controller:
         meta, status = raw.get("metadata") or {}, raw.get("status") or {}
         namespace, name = meta.get("namespace") or "default", meta["name"]
         attempt = int(status.get("attempt") or 1)
+        # A pod that ended has given its IP back: another pod (the next attempt's) may serve there.
         pod0 = next((p for p in pods_index.get((namespace, name), [])
                      if pod_attempt(p) == attempt and pod_index(p) == 0
+                     and (p.get("status") or {}).get("phase") == "Running"
                      and (p.get("status") or {}).get("podIP")), None)
         if pod0 is None:
             return
