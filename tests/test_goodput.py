@@ -38,6 +38,21 @@ def test_a_run_restarted_once_splits_its_wall_time_into_parts_that_add_up():
     assert record["unattributedSeconds"] == pytest.approx((28 - 5 - 20) + (24 - 4.5 - 15))
 
 
+def test_redone_steps_are_priced_at_the_attempts_latest_pace_not_its_mean_with_the_warm_up():
+    """Attempt 1's first 100 steps took 0.5 s each (warm-up, a busy machine), the last 100 0.1 s each;
+    the 50 steps it did after its checkpoint were of the fast kind: 5 s lost, not 50 x its 0.3 s mean."""
+    slow = g.update(None, created=0.0, now=2.0, attempt=1, phase="Running", job_created=1.0,
+                    counters=(1, {"seconds": {"startup": 1.0, "train": 50.0}, "resumedStep": 0, "steps": 100}))
+    record = g.update(slow, created=0.0, now=70.0, attempt=1, phase="Running", job_created=1.0,
+                      counters=(1, {"seconds": {"startup": 1.0, "train": 60.0}, "resumedStep": 0, "steps": 200}))
+    assert record["attempts"][0]["recentStepSeconds"] == pytest.approx(0.1)
+    record = g.update(record, created=0.0, now=75.0, attempt=2, phase="Running", job_created=72.0,
+                      counters=(2, {"seconds": {"startup": 1.0, "restore": 0.2, "train": 1.0}, "resumedStep": 150,
+                                    "steps": 10}))
+    assert record["lostSeconds"] == pytest.approx(50 * 0.1)
+    assert g.parts_sum(record) == pytest.approx(record["wallSeconds"])
+
+
 def test_an_attempt_that_never_checkpointed_loses_all_its_steps():
     attempts = [{"created": 0.0, "running": 1.0, "ended": 16.0, **counters(train=8.0, steps=80)},
                 {"created": 17.0, "running": 17.0, "ended": 35.0, **counters(train=10.0, resumed=0, steps=100)}]

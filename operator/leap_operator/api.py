@@ -514,6 +514,9 @@ class GoodputAttempt(_Model):
     resumedStep: int | None = Field(None, ge=0, description="The run's step rank 0 started at (its checkpoint).")
     steps: int | None = Field(None, ge=0, description="Steps rank 0 took in this attempt, as last scraped.")
     seconds: GoodputTime | None = None
+    recentStepSeconds: float | None = Field(None, ge=0, description=(
+        "Rank 0's step time between its last two scrapes: the price of steps after the last scrape "
+        "and of steps redone after a restart (the latest pace, not the attempt's mean with its warm-up)."))
 
 
 class GoodputParts(_Model):

@@ -24,8 +24,9 @@ attempt has reported them; unknown is never shown as 0.
 
 The trainer's counters (contract.M_TIME by activity, contract.M_RESUMED_STEP, contract.M_STEPS) are
 read from rank 0's /metrics as last scraped: per attempt, they say how its running time was spent.
-Steps after the last scrape are priced at the attempt's mean step time (its train seconds over its
-steps), capped so that an attempt's parts never exceed its running time.
+Steps after the last scrape, and steps later redone, are priced at the attempt's latest pace (its
+train seconds per step between its last two scrapes; the mean over the attempt, warm-up and all,
+overstated lost work), else at its mean step time, capped so that an attempt's parts never exceed its running time.
 
 The record (status.goodput) holds the parts and, per attempt, the facts they come from (times and
 the last counters), so an operator that restarts carries on from the status alone. It keeps the
@@ -126,12 +127,14 @@ def _attempt_parts(attempt: dict, window: float, next_resumed, final_step: int |
     elif next_resumed is not None:                           # it checkpointed after its last scrape
         end_step = max(end_step, next_resumed)
     done = end_step - resumed
-    step_time = train_seen / seen if seen > 0 else 0.0
+    # Steps not seen in its counters (after the last scrape) and steps later redone are priced at the
+    # attempt's latest pace (between its last two scrapes) when known, else at its mean step time.
+    step_time = float(attempt.get("recentStepSeconds") or 0.0) or (train_seen / seen if seen > 0 else 0.0)
     train = min(train_seen + max(done - seen, 0) * step_time, room) if done > 0 else min(train_seen, room)
     kept = done if next_resumed is None else min(done, max(next_resumed - resumed, 0))
     if done > 0:
-        parts["productive"] = train * kept / done
-        parts["lost"] = train - parts["productive"]
+        parts["lost"] = min((done - kept) * step_time, train)
+        parts["productive"] = train - parts["lost"]
     else:
         parts["lost"] = train
     parts["unattributed"] = max(window - sum(measured.values()) - train, 0.0)
@@ -289,6 +292,17 @@ def stalled_total(record: dict, conditions: list[dict] | None, now: float) -> tu
     return closed + current, since, closed
 
 
+def recent_pace(before: dict, after: dict) -> dict:
+    """{"recentStepSeconds": train seconds per step between two scrapes of one attempt} when it stepped
+    in between (else nothing: the last pace known stays)."""
+    steps = int(after.get("steps") or 0) - int(before.get("steps") or 0)
+    train = (float((after.get("seconds") or {}).get(contract.ACTIVITY_TRAIN) or 0.0)
+             - float((before.get("seconds") or {}).get(contract.ACTIVITY_TRAIN) or 0.0))
+    if before.get("steps") is None or steps <= 0 or train < 0:
+        return {}
+    return {"recentStepSeconds": round(train / steps, 9)}
+
+
 def update(record: dict | None, *, created: float, now: float, attempt: int, phase: str,
            job_created: float | None, counters: tuple[int, dict] | None, conditions: list[dict] | None = None,
            final_step: int | None = None) -> dict:
@@ -305,7 +319,7 @@ def update(record: dict | None, *, created: float, now: float, attempt: int, pha
     if counters is not None:
         for entry in attempts:
             if entry.get("attempt") == counters[0] and entry.get("ended") is None:
-                entry.update(counters[1])
+                entry.update(counters[1], **recent_pace(entry, counters[1]))
     for entry in attempts:   # earlier attempts ended when a later one began
         if entry.get("attempt", 0) < attempt and entry.get("ended") is None:
             entry["ended"] = fmt(now)
