@@ -100,7 +100,7 @@ def test_stalled_time_comes_from_the_stalled_condition_and_is_taken_out_of_the_r
     record = g.update(record, created=base, now=base + 30, attempt=1, phase="Running", job_created=None,
                       counters=None, conditions=stalled)
     assert record["stalledSeconds"] == pytest.approx(20.0)
-    assert record["stalledSince"] == _time(10)
+    assert g.parse(record["stalledSince"]) == g.parse(_time(10))
     recovered = [{"type": "Stalled", "status": "False", "lastTransitionTime": _time(40)}]
     record = g.update(record, created=base, now=base + 50, attempt=1, phase="Running", job_created=None,
                       counters=None, conditions=recovered)
@@ -108,6 +108,40 @@ def test_stalled_time_comes_from_the_stalled_condition_and_is_taken_out_of_the_r
     assert "stalledSince" not in record
     assert g.parts_sum(record) == pytest.approx(record["wallSeconds"])
     del run_status
+
+
+def test_a_stall_counts_from_the_last_step_not_from_its_detection():
+    """Hang detection says Stalled=True only after its threshold (here 30 s after the last step at
+    10 s): those 30 s were stalled too."""
+    base = 1_700_000_000.0
+    record = g.update(None, created=base, now=base + 5, attempt=1, phase="Running", job_created=base + 1,
+                      counters=(1, counters(startup=1, checkpoint=0, train=2, evaluate=0, steps=20)))
+    stalled = [{"type": "Stalled", "status": "True", "lastTransitionTime": _time(40)}]
+    record = g.update(record, created=base, now=base + 45, attempt=1, phase="Running", job_created=None,
+                      counters=None, conditions=stalled, stalled_since=base + 10)
+    assert record["stalledSeconds"] == pytest.approx(35.0)
+    # Later observations (the scrape path knows no verdict) keep the episode's start.
+    record = g.update(record, created=base, now=base + 50, attempt=1, phase="Running", job_created=None,
+                      counters=None, conditions=stalled)
+    assert record["stalledSeconds"] == pytest.approx(40.0)
+    assert g.parts_sum(record) == pytest.approx(record["wallSeconds"])
+
+
+def test_a_stall_that_restarts_the_attempt_is_stalled_from_its_last_step_to_the_restart():
+    """With action Restart the written status never shows Stalled=True (the same decision restarts
+    and clears it): the episode is the last step (20 s) to the restart (50 s), and no more."""
+    base = 1_700_000_000.0
+    record = g.update(None, created=base, now=base + 5, attempt=1, phase="Running", job_created=base + 1,
+                      counters=(1, counters(startup=1, checkpoint=0, train=10, evaluate=0, steps=100)))
+    restarted = [{"type": "Stalled", "status": "False", "reason": "Restarted", "lastTransitionTime": _time(50)}]
+    record = g.update(record, created=base, now=base + 50, attempt=2, phase="Restarting", job_created=None,
+                      counters=None, conditions=restarted, stalled_since=base + 20)
+    assert record["stalledSeconds"] == pytest.approx(30.0)
+    record = g.update(record, created=base, now=base + 70, attempt=2, phase="Restarting", job_created=None,
+                      counters=None, conditions=restarted)
+    assert record["stalledSeconds"] == pytest.approx(30.0)   # the backoff is restarting, not stalled
+    assert record["restartingSeconds"] == pytest.approx(20.0)
+    assert g.parts_sum(record) == pytest.approx(record["wallSeconds"])
 
 
 def test_the_operator_record_follows_attempts_through_a_restart_and_success():

@@ -13,7 +13,7 @@ A run's wall time (its creation to its end, or to now) is split into parts that 
   lost          training steps redone after a restart: a failed attempt's steps after its last
                 checkpoint (its last step seen minus the next attempt's resume step), at that
                 attempt's step time; an attempt that checkpointed nothing loses all its steps
-  stalled       time with condition Stalled=True (the trainer's counters stand still meanwhile)
+  stalled       a hang: the last step until steps resume or the attempt is restarted for it (stalled_total())
   unattributed  the rest of the time workers ran, said out loud: the trainer's own time outside the
                 activities above (the final summary, process exit), steps after the last scrape of
                 an attempt that failed, an attempt never scraped (a program that exports no counters),
@@ -272,24 +272,30 @@ def created_at(timestamp: Any, seen: float) -> float:
     return min(max(seen, stamped), stamped + 1.0)
 
 
-def stalled_total(record: dict, conditions: list[dict] | None, now: float) -> tuple[float, str | None, float]:
+def stalled_total(record: dict, conditions: list[dict] | None, now: float,
+                  stalled_since: float | None = None) -> tuple[float, str | None, float]:
     """(stalled seconds so far, the open episode's start, seconds of closed episodes) from the
-    record's bookkeeping and the Stalled condition now. An episode that ended between two looks
-    ends at the condition's lastTransitionTime (when it turned False)."""
+    record's bookkeeping and the Stalled condition now.
+
+    An episode starts at the run's last step (stalled_since: hang detection's verdict, passed when
+    this observation judged the attempt stalled) or, without it, when Stalled turned True; it ends
+    when Stalled is no longer True, at the condition's lastTransitionTime. A stall that restarts the
+    attempt (runPolicy.stallDetection.action Restart) never shows Stalled=True: its episode is the
+    last step to the restart, closed in the observation that decided the restart."""
     closed = float(record.get("stalledClosedSeconds") or 0.0)
-    since = record.get("stalledSince")
+    since = parse(record.get("stalledSince"))
     cond = next((c for c in conditions or [] if c.get("type") == STALLED), None)
     open_now = cond is not None and cond.get("status") == "True"
-    if since and (not open_now or cond.get("lastTransitionTime") != since):
-        began = parse(since)
-        ended = parse((cond or {}).get("lastTransitionTime")) if cond and not open_now else now
-        if began is not None:
-            closed += max((ended or now) - began, 0.0)
+    changed = parse((cond or {}).get("lastTransitionTime"))
+    if open_now or stalled_since is not None:
+        starts = [t for t in (since, stalled_since, changed if open_now and since is None else None) if t is not None]
+        since = min(starts) if starts else now
+    if since is not None and not open_now:
+        ended = changed if changed is not None and changed >= since else now
+        closed += max(ended - since, 0.0)
         since = None
-    if open_now:
-        since = cond.get("lastTransitionTime")
-    current = max(now - (parse(since) or now), 0.0) if since else 0.0
-    return closed + current, since, closed
+    current = max(now - since, 0.0) if since is not None else 0.0
+    return closed + current, fmt(since) if since is not None else None, closed
 
 
 def recent_pace(before: dict, after: dict) -> dict:
@@ -305,7 +311,7 @@ def recent_pace(before: dict, after: dict) -> dict:
 
 def update(record: dict | None, *, created: float, now: float, attempt: int, phase: str,
            job_created: float | None, counters: tuple[int, dict] | None, conditions: list[dict] | None = None,
-           final_step: int | None = None) -> dict:
+           final_step: int | None = None, stalled_since: float | None = None) -> dict:
     """The run's new record (status.goodput) after one observation by the operator.
 
     record: the last one (None: none yet); attempt, phase: the run's status now; job_created: the
@@ -335,7 +341,7 @@ def update(record: dict | None, *, created: float, now: float, attempt: int, pha
         if finished:
             entry["ended"] = fmt(now)
             entry["succeeded"] = phase == "Succeeded"
-    stalled, since, closed = stalled_total(record, conditions, now)
+    stalled, since, closed = stalled_total(record, conditions, now, stalled_since)
     timeline = [{**a, "created": parse(a.get("created")), "running": parse(a.get("running")),
                  "ended": parse(a.get("ended"))} for a in attempts]
     carried = record.get("carried")
@@ -373,10 +379,11 @@ def summary_line(record: dict) -> str:
 
 
 def observe(record: dict | None, *, run: dict, status: dict, job: dict | None, counters: tuple[int, dict] | None,
-            total_steps: int | None, now: dt.datetime) -> dict:
+            total_steps: int | None, now: dt.datetime, stalled_since: dt.datetime | None = None) -> dict:
     """update() from the operator's objects: the TrainingRun (its creation), the status it is about
     to write (attempt, phase, conditions), the Job it observed (used when it is this attempt's),
-    the run's planned steps (status.progress.totalSteps) if known."""
+    the run's planned steps (status.progress.totalSteps) if known, and the time of the last step of
+    an attempt that this observation judged stalled (see stalled_total())."""
     meta = run.get("metadata") or {}
     attempt = int(status.get("attempt") or 1)
     job_meta = (job or {}).get("metadata") or {}
@@ -388,4 +395,5 @@ def observe(record: dict | None, *, run: dict, status: dict, job: dict | None, c
     created = parse(meta.get("creationTimestamp")) or now.timestamp()
     return update(record, created=created, now=now.timestamp(), attempt=attempt, phase=status.get("phase") or "",
                   job_created=created_at(job_meta.get("creationTimestamp"), now.timestamp()) if this_attempt else None,
-                  counters=counters, conditions=status.get("conditions"), final_step=int(total) if total else None)
+                  counters=counters, conditions=status.get("conditions"), final_step=int(total) if total else None,
+                  stalled_since=stalled_since.timestamp() if stalled_since is not None else None)

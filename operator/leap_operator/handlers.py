@@ -147,7 +147,11 @@ class Controller:
         # is written with the Job in hand on the next pass: one status write instead of two.
         if decision.action != "create" and status_patch(run["status"], decision.status):
             # The account rides on writes the status makes anyway (never a write of its own).
-            decision.status["goodput"] = self._goodput(state, raw, decision.status, current)
+            verdict = state.stall_verdict
+            stalled = verdict is not None and verdict.stalled and (
+                decision.action == "restart" or verdict.attempt == int(decision.status.get("attempt") or attempt))
+            decision.status["goodput"] = self._goodput(state, raw, decision.status, current,
+                                                       stalled_since=verdict.since if stalled else None)
         opmetrics.set_goodput((namespace, name), state.goodput or run["status"].get("goodput"))
         if decision.action == "create":
             decision.events = []
@@ -317,14 +321,16 @@ class Controller:
         state.created.pop(job_name, None)
         logger.info("deleted Job %s", job_name)
 
-    def _goodput(self, state: RunState, raw: dict, status: dict, job: dict | None) -> dict:
+    def _goodput(self, state: RunState, raw: dict, status: dict, job: dict | None,
+                 stalled_since: dt.datetime | None = None) -> dict:
         """status.goodput after this observation (goodput.py), from the last one this operator made
-        or, after a restart of the operator, the one in the status."""
+        or, after a restart of the operator, the one in the status. stalled_since: the last step of
+        the attempt hang detection judges stalled now (stalled time starts there, not at detection)."""
         progress_now = state.progress or (raw.get("status") or {}).get("progress") or {}
         state.goodput = goodput.observe(
             state.goodput if state.goodput is not None else (raw.get("status") or {}).get("goodput"),
             run=raw, status=status, job=job, counters=state.counters,
-            total_steps=progress_now.get("totalSteps"), now=_now())
+            total_steps=progress_now.get("totalSteps"), now=_now(), stalled_since=stalled_since)
         return state.goodput
 
     # --- progress ---------------------------------------------------------------------------
