@@ -2,11 +2,12 @@
 
 The pod runner runs the trainer as a real local process; the test stops it with SIGSTOP (a
 worker that hangs: it neither steps nor answers its metrics endpoint, while its pod runs) and
-resumes it with SIGCONT. What a user sees is asserted: the Stalled condition, `kubectl get -o
-wide`'s Reason, Events, the operator's scraped metric, and with action Restart a new attempt that
-resumes from the checkpoint claim and succeeds. What the pod runner cannot show: a real kubelet's
-grace period on deleting a stopped container (it sends SIGTERM, then SIGKILL after 10 s), and a
-hang inside a real collective across hosts (here the one worker is rank 0 itself).
+resumes it with SIGCONT. What a user sees is asserted: the Stalled condition, `kubectl get`'s
+Reason, Events, the operator's scraped metric, and with action Restart a new attempt that resumes
+from the checkpoint claim and succeeds. In the restart test the hung worker is rank 1 of two: rank 0
+still answers its metrics endpoint but waits in the real gloo all-reduce, which is how a hang
+travels through a collective. What the pod runner cannot show: a real kubelet's grace period on
+deleting a stopped container (it sends SIGTERM, then SIGKILL after 10 s), and two real hosts.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from conftest import Cluster
 from emulator import free_port, wait_for
 from leap_operator import names, render
+from leap_operator.goodput import PARTS
 from test_real_operator import condition, create, example, get_tr, pods_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -41,12 +43,13 @@ def training_run(ns: str, **spec) -> dict:
     return run
 
 
-def stop_worker_at(cluster: Cluster, ns: str, attempt: int, step: int) -> tuple[int, int, dt.datetime]:
-    """SIGSTOP the worker's real process group once status.progress.step >= step: (pid, step seen, when)."""
+def stop_worker_at(cluster: Cluster, ns: str, attempt: int, step: int, index: int = 0) -> tuple[int, int, dt.datetime]:
+    """SIGSTOP worker `index`'s real process group once status.progress.step >= step: (pid, step seen, when)."""
     job = render.job_name(NAME, attempt)
     seen = wait_for(lambda: (status(cluster, ns).get("progress") or {}).get("step", 0) >= step
                     and status(cluster, ns)["progress"]["step"], 240, 0.05, f"step {step} of attempt {attempt}")
-    pod = pods_of(cluster, ns, job)[0]
+    pod = next(p for p in pods_of(cluster, ns, job)
+               if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == str(index))
     process = cluster.runner.pods[(ns, pod["metadata"]["name"])].process
     assert process is not None and process.poll() is None, "the trainer runs as a real process"
     os.killpg(process.pid, signal.SIGSTOP)
@@ -78,8 +81,9 @@ def test_a_hung_worker_is_reported_stalled_and_cleared_when_it_steps_again(clust
         print(f"stalled at step {last}: detected {(detected - stopped).total_seconds():.1f}s after SIGSTOP "
               f"(threshold {MIN_SECONDS}s)")
         assert st["phase"] == "Running" and st["reason"] == "Stalled" and st["restarts"] == 0
-        row = get_tr(cluster, ns, NAME, wide=True)
-        assert row["PHASE"] == "Running" and row["REASON"] == "Stalled" and row["RESTARTS"] == "0", row
+        row = get_tr(cluster, ns, NAME)   # the default columns say it, no -o wide needed
+        assert row["PHASE"] == "Running" and row["REASON"] == "Stalled", row
+        assert get_tr(cluster, ns, NAME, wide=True)["RESTARTS"] == "0"
         warnings = wait_for(lambda: [e for e in cluster.events(ns, NAME)
                                      if e["type"] == "Warning" and e["reason"] == "Stalled"], 30, message="a Warning Event")
         assert len(warnings) == 1 and f"since step {last}" in warnings[0]["message"], warnings
@@ -104,14 +108,15 @@ def test_a_hung_worker_is_reported_stalled_and_cleared_when_it_steps_again(clust
     assert st["attempt"] == 1 and st["restarts"] == 0
 
 
-def test_a_hung_worker_with_action_restart_resumes_from_its_checkpoint_and_succeeds(cluster):
+def test_a_worker_hung_in_a_collective_with_action_restart_resumes_from_its_checkpoint_and_succeeds(cluster):
     ns = cluster.namespace("stall-restart")
     cluster.runner.run_for_real(lambda pod: pod["metadata"]["namespace"] == ns)
     claim = cluster.checkpoint_claim(ns)
-    create(cluster, training_run(ns, checkpoint={"claimName": claim, "everySteps": 100},
-                                 runPolicy={"backoffLimit": 2,
-                                            "stallDetection": {"action": "Restart", "minSeconds": MIN_SECONDS}}))
-    _, seen, stopped = stop_worker_at(cluster, ns, 1, 300)
+    run = training_run(ns, workers=2, checkpoint={"claimName": claim, "everySteps": 100},
+                       runPolicy={"backoffLimit": 2, "stallDetection": {"action": "Restart", "minSeconds": MIN_SECONDS}})
+    run["spec"]["workload"]["epochs"] = 2   # two ranks share the samples; gloo makes each step slower
+    create(cluster, run)
+    _, seen, stopped = stop_worker_at(cluster, ns, 1, 300, index=1)
     restarted = wait_for(lambda: status(cluster, ns).get("restarts") == 1 and status(cluster, ns), 90, 0.2,
                          "a restart")
     restarts_at = dt.datetime.now(dt.timezone.utc)
@@ -130,6 +135,10 @@ def test_a_hung_worker_with_action_restart_resumes_from_its_checkpoint_and_succe
     pod = pods_of(cluster, ns, render.job_name(NAME, 2))[0]["metadata"]["name"]
     summary = json.loads((cluster.runner.workdir / ns / pod / "summary.json").read_text())
     assert summary["resumed_from_step"] >= 300 and summary["resumed_from_step"] % 100 == 0, summary
-    assert summary["resumed_from_step"] < summary["steps"], summary
+    assert summary["resumed_from_step"] < summary["steps"] and summary["world_size"] == 2, summary
+    # Goodput: the hang, from the last step to the restart, is stalled time (the threshold included).
+    goodput = st["goodput"]
+    assert MIN_SECONDS - 1 <= goodput["stalledSeconds"] <= (restarts_at - stopped).total_seconds() + 3, goodput
+    assert sum(goodput[f"{part}Seconds"] for part in PARTS) == pytest.approx(goodput["wallSeconds"], abs=0.01)
     print(f"stopped at step >= {seen}; restarted {(restarts_at - stopped).total_seconds():.1f}s after SIGSTOP; attempt 2 resumed "
           f"from step {summary['resumed_from_step']} of {summary['steps']}")
