@@ -168,6 +168,10 @@ TRAINING = Dashboard(
               unit="short", description="Optimizer steps per second per run (sum over ranks)."),
         Panel("Epoch", [(f"max by (namespace, run) ({c.M_EPOCH}{{{SEL}}})", "{{namespace}}/{{run}}")],
               decimals=0, description="Current epoch (1-based)."),
+        Panel("Ranks by activity", [(f"sum by (namespace, run, {c.TIME_LABEL}) ({c.M_ACTIVITY}{{{SEL}}})",
+                                     "{{run}} {{" + c.TIME_LABEL + "}}")],
+              decimals=0, description="Ranks in startup, restore, checkpoint, train or evaluate now "
+                                      "(any but train is a pause the trainer announced, not a stall)."),
         Panel("Accelerator memory", [(f"sum by (run, rank) ({c.M_ACCEL_MEMORY}{{{SEL}}})", "{{run}} rank {{rank}}")],
               unit="bytes", description="Accelerator memory in use per rank.",
               may_be_empty="leap_accelerator_memory_bytes is only reported where an accelerator is present "
@@ -292,15 +296,16 @@ ALERT_GROUPS = [
             },
             {
                 "alert": "LeapTrainingProgressStalled",
-                "expr": (f"max by ({RUN_LABELS}) (rate({c.M_STEPS}[10m])) == 0\n"
-                         f"and on ({RUN_LABELS})\n"
-                         f"min by ({RUN_LABELS}) ({c.M_PROGRESS}) < 1"),
-                "for": "5m",
+                # The operator's own rule (condition Stalled=True, operator/leap_operator/stall.py):
+                # its gauge exists only while a Running run is stalled.
+                "expr": f"max by ({RUN_LABELS}) ({names.OM_RUN_STALLED}) > 0",
+                "for": "1m",
                 "labels": {"severity": "warning"},
                 "annotations": {
                     "summary": "TrainingRun {{ $labels.namespace }}/{{ $labels.run }} makes no progress.",
-                    "description": "No optimizer step in 15 minutes although the run is not finished "
-                                   "(a hung collective, a dead data loader, or a stuck device).",
+                    "description": "No optimizer step since {{ $value | humanizeTimestamp }} although the run is "
+                                   "Running (a hung collective, a dead data loader, a stuck device or a stopped "
+                                   "process): its condition Stalled is True. See `kubectl describe trainingrun`.",
                 },
             },
             {

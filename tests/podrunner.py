@@ -16,7 +16,9 @@ The PodRunner watches pods bound to those Nodes and does what a kubelet would re
 
 What it cannot show: images, pulls, volumes, probes, cgroup limits, restarts of containers,
 DNS of the headless Service (rank 0's name is mapped to its pod IP here), and networking between
-real hosts.
+real hosts. Its processes share one network namespace, where every pod would have its own: the
+metrics port of workers other than index 0 (which the operator scrapes) is moved to a free port,
+so two workers do not contend for one port.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import copy
 import datetime as dt
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -41,6 +44,12 @@ from leap_trainer import contract
 
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
 TPU_TYPE, TPU_TOPOLOGY = "tpu-v5-lite-podslice", "4x4"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _now() -> str:
@@ -302,6 +311,8 @@ class PodRunner:
                               pod_metadata=meta, local=local, shell_env={}, pod_ip=record.ip)
         env = {k: v for k, v in os.environ.items() if k not in _POD_ONLY}
         env.update(pod_env)
+        if index > 0 and env.get(contract.ENV_METRICS_PORT, "0") != "0":
+            env[contract.ENV_METRICS_PORT] = str(_free_port())   # one network namespace for all pods here
         env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
                     contract.ENV_SUMMARY: str(home / "summary.json")})
         command = list(container.get("command") or [])

@@ -147,7 +147,7 @@ def test_printer_columns_point_at_schema_fields():
     version = crd.crd_manifest()["spec"]["versions"][0]
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
     assert [c["name"] for c in version["additionalPrinterColumns"] if not c.get("priority")] == [
-        "Phase", "Framework", "Accelerator", "Workers", "Progress", "Throughput", "ETA", "Age"]
+        "Phase", "Framework", "Accelerator", "Workers", "Progress", "Throughput", "ETA", "Reason", "Age"]
     schema = version["schema"]["openAPIV3Schema"]
     for column in columns.values():
         if column["jsonPath"] != ".metadata.creationTimestamp":

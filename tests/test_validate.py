@@ -204,7 +204,8 @@ def test_defaults_are_applied_like_the_api_server():
     spec = run["spec"]
     assert spec["workload"]["batchSize"] == 64 and spec["workload"]["learningRate"] == 0.003
     assert spec["procsPerWorker"] == "auto"
-    assert spec["runPolicy"] == {"backoffLimit": 3, "suspend": False}
+    assert spec["runPolicy"] == {"backoffLimit": 3, "suspend": False,
+                                 "stallDetection": {"action": "Report", "minSeconds": 300}}
     assert spec["metrics"] == {"port": 9400} and spec["checkpoint"] == {"everySteps": 500}
     assert "distillation" not in spec["workload"]  # defaults never invent optional blocks
 

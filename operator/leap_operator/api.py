@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from leap_trainer import contract, specs
 from leap_trainer.specs import MODEL_LAYERS
 
+from leap_operator.goodput import KEEP_ATTEMPTS
+
 # --- Small shared vocabularies --------------------------------------------------------------
 
 FRAMEWORKS = ("pytorch", "tensorflow")
@@ -340,12 +342,38 @@ class Checkpoint(_Model):
     everySteps: int = Field(500, ge=1, le=100_000_000, description="Save a checkpoint every this many optimizer steps.")
 
 
+# Hang detection (operator/leap_operator/stall.py). The threshold is derived from the run's own
+# step times: STALL_STEP_TIME_MULTIPLE x rank 0's mean step time, never below minSeconds.
+STALL_ACTIONS = ("Report", "Restart")
+DEFAULT_STALL_MIN_SECONDS = 300
+STALL_STEP_TIME_MULTIPLE = 10
+MIN_STALL_SECONDS = 5          # the least the schema allows (tests); under a minute risks false alarms
+MAX_STALL_SECONDS = 7 * 86400
+
+
+class StallDetection(_Model):
+    """A run whose optimizer steps stop gets condition Stalled=True (hang detection)."""
+    action: Literal[STALL_ACTIONS] = Field("Report", description=(
+        "Report: condition Stalled=True, a Warning Event, status.reason Stalled and the operator's "
+        "stall gauge (alert LeapTrainingProgressStalled); the run keeps running. Restart: the stalled "
+        "attempt is also restarted as the next attempt (from its last checkpoint; counted in restarts "
+        "and backoffLimit, reason Stalled)."))
+    minSeconds: int = Field(DEFAULT_STALL_MIN_SECONDS, ge=MIN_STALL_SECONDS, le=MAX_STALL_SECONDS, description=(
+        f"Floor of the threshold, which is {STALL_STEP_TIME_MULTIPLE} x rank 0's mean step time "
+        "(leap_train_step_seconds) when that is longer."))
+    timeoutSeconds: int | None = Field(None, ge=MIN_STALL_SECONDS, le=MAX_STALL_SECONDS, description=(
+        "A fixed threshold instead of the derived one: seconds without an optimizer step (pauses the "
+        "trainer announces not counted) before the run is Stalled."))
+
+
 class RunPolicy(_Model):
-    """Restarts, deadlines, cleanup and suspension (may change while running)."""
+    """Restarts, deadlines, cleanup, suspension and hang detection (may change while running)."""
     backoffLimit: int = Field(3, ge=0, le=100, description="Gang restarts (new attempts) after a failed attempt before the run is Failed.")
     activeDeadlineSeconds: int | None = Field(None, ge=1, description="Fail the run (reason DeadlineExceeded) after this many seconds since it started.")
     ttlSecondsAfterFinished: int | None = Field(None, ge=0, description="Delete the run this many seconds after it Succeeded or Failed.")
     suspend: bool = Field(False, description="true removes the pods (the run is Suspended); false resumes it.")
+    stallDetection: StallDetection = Field(default_factory=StallDetection, json_schema_extra={"default": {}},
+                                           description="Hang detection and optional recovery.")
 
 
 class Scheduling(_Model):
@@ -486,6 +514,32 @@ class GoodputAttempt(_Model):
     resumedStep: int | None = Field(None, ge=0, description="The run's step rank 0 started at (its checkpoint).")
     steps: int | None = Field(None, ge=0, description="Steps rank 0 took in this attempt, as last scraped.")
     seconds: GoodputTime | None = None
+    recentStepSeconds: float | None = Field(None, ge=0, description=(
+        "Rank 0's step time between its last two scrapes: the price of steps after the last scrape "
+        "and of steps redone after a restart (the latest pace, not the attempt's mean with its warm-up)."))
+
+
+class GoodputParts(_Model):
+    """Seconds by part of the account (the parts of status.goodput)."""
+    productive: float | None = Field(None, ge=0)
+    scheduling: float | None = Field(None, ge=0)
+    startup: float | None = Field(None, ge=0)
+    restore: float | None = Field(None, ge=0)
+    checkpoint: float | None = Field(None, ge=0)
+    evaluation: float | None = Field(None, ge=0)
+    lost: float | None = Field(None, ge=0)
+    restarting: float | None = Field(None, ge=0)
+    stalled: float | None = Field(None, ge=0)
+    unattributed: float | None = Field(None, ge=0)
+
+
+class GoodputCarried(_Model):
+    """Older attempts folded into totals (their facts are final): the account starts from them, so
+    it stays exact while status.goodput.attempts stays short."""
+    attempts: int = Field(..., ge=1, description="How many attempts are folded in.")
+    until: str = Field(..., json_schema_extra={"format": "date-time"}, description="Where their time ends.")
+    known: bool = Field(False, description="Some of them reported the trainer's time counters.")
+    seconds: GoodputParts | None = None
 
 
 class Goodput(_Model):
@@ -505,7 +559,8 @@ class Goodput(_Model):
     unattributedSeconds: float = Field(0, ge=0, description="The rest, said out loud (see docs/monitoring.md).")
     stalledSince: str | None = Field(None, json_schema_extra={"format": "date-time"})
     stalledClosedSeconds: float | None = Field(None, ge=0)
-    attempts: list[GoodputAttempt] | None = Field(None, max_length=256)
+    attempts: list[GoodputAttempt] | None = Field(None, max_length=256, description=f"The last attempts' facts ({KEEP_ATTEMPTS} at most; older ones are in carried).")
+    carried: GoodputCarried | None = None
 
 
 class TrainingRunStatus(_Model):

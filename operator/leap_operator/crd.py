@@ -125,11 +125,12 @@ def _printer_columns() -> list[dict]:
         {"name": "Throughput", "type": "number", "jsonPath": ".status.progress.samplesPerSecond",
          "description": "Training samples per second, all workers."},
         {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta"},
+        {"name": "Reason", "type": "string", "jsonPath": ".status.reason",
+         "description": "Why the run is in its phase: e.g. Unschedulable, Preempted, Stalled (steps stopped while Running)."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         {"name": "Attempt", "type": "integer", "jsonPath": ".status.attempt", "priority": 1},
         {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts", "priority": 1},
         {"name": "FLOPS", "type": "number", "jsonPath": ".status.progress.flopsPerSecond", "priority": 1},
-        {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
     ]
 
 

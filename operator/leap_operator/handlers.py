@@ -15,8 +15,9 @@ Shape of the controller (level-triggered, one reconcile loop per run):
   last-handled-configuration annotation on every run it creates or resumes (one more write per
   run, and a write to every run at each operator start).
 - While the run is Running, the same loop scrapes rank 0's /metrics every progress_interval and
-  writes status.progress. (Not a kopf timer: at 1,000 running runs, kopf's per-call machinery
-  for 200 timer calls a second took more CPU than all the reconciling; bench/operator_scale.py.)
+  writes status.progress; the same scrapes feed hang detection (stall.py: condition Stalled).
+  (Not a kopf timer: at 1,000 running runs, kopf's per-call machinery for 200 timer calls a
+  second took more CPU than all the reconciling; bench/operator_scale.py.)
 Job names are deterministic (<run>-a<attempt>) and the attempt is written to status before its
 Job is created, so neither a crash nor a retry can create two Jobs for one attempt.
 """
@@ -34,7 +35,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from leap_operator import api, goodput, names, opmetrics, progress, render
+from leap_operator import api, goodput, names, opmetrics, progress, render, stall
 from leap_operator.config import OperatorConfig
 from leap_operator.kube import Kube, KubeError
 from leap_operator.status import (FAILED_CREATE_RECHECK, compute_status, parse_time, pod_attempt, pod_index,
@@ -77,6 +78,8 @@ class RunState:
     refusals: int = 0                                         # refused creates in a row
     failed_create: str | None = None                          # the Job controller's FailedCreate message
     failed_create_checked: float = -math.inf
+    stall_clock: stall.Clock | None = None                    # hang detection: what the scrapes saw
+    stall_verdict: stall.Verdict | None = None
 
 
 class Controller:
@@ -136,14 +139,19 @@ class Controller:
         decision = compute_status(run, current, pods, _now(), problems=problems,
                                   backoff_base=self.config.backoff_base, backoff_max=self.config.backoff_max,
                                   pods_not_created=not_created, job_outdated=_outdated(current, run, problems),
-                                  workload_inactive=workload is not None and (workload.get("spec") or {}).get("active") is False)
+                                  workload_inactive=workload is not None and (workload.get("spec") or {}).get("active") is False,
+                                  stall_verdict=state.stall_verdict)
 
         # Persist first: the attempt number must be durable before its Job exists. A "create"
         # decision never changes the attempt (restarts persist the new one first), so its status
         # is written with the Job in hand on the next pass: one status write instead of two.
         if decision.action != "create" and status_patch(run["status"], decision.status):
             # The account rides on writes the status makes anyway (never a write of its own).
-            decision.status["goodput"] = self._goodput(state, raw, decision.status, current)
+            verdict = state.stall_verdict
+            stalled = verdict is not None and verdict.stalled and (
+                decision.action == "restart" or verdict.attempt == int(decision.status.get("attempt") or attempt))
+            decision.status["goodput"] = self._goodput(state, raw, decision.status, current,
+                                                       stalled_since=verdict.since if stalled else None)
         opmetrics.set_goodput((namespace, name), state.goodput or run["status"].get("goodput"))
         if decision.action == "create":
             decision.events = []
@@ -151,6 +159,10 @@ class Controller:
             return None  # the run is gone
         state.phase = decision.status.get("phase")
         opmetrics.set_phase((namespace, name), state.phase)
+        verdict = state.stall_verdict
+        opmetrics.set_stalled((namespace, name), verdict.since.timestamp() if (
+            verdict is not None and verdict.stalled and state.phase == "Running"
+            and verdict.attempt == int(decision.status.get("attempt") or attempt)) else None)
         if decision.action == "restart":
             opmetrics.RESTARTS.inc()
 
@@ -218,6 +230,7 @@ class Controller:
         self.runs.pop((namespace, name), None)
         opmetrics.set_phase((namespace, name), None)
         opmetrics.set_goodput((namespace, name), None)
+        opmetrics.set_stalled((namespace, name), None)
         logger.info("deleted the children of %s", name)
 
     async def _persist(self, raw: dict, run: dict, state: "RunState", decision: Any, logger: logging.Logger) -> bool:
@@ -308,14 +321,16 @@ class Controller:
         state.created.pop(job_name, None)
         logger.info("deleted Job %s", job_name)
 
-    def _goodput(self, state: RunState, raw: dict, status: dict, job: dict | None) -> dict:
+    def _goodput(self, state: RunState, raw: dict, status: dict, job: dict | None,
+                 stalled_since: dt.datetime | None = None) -> dict:
         """status.goodput after this observation (goodput.py), from the last one this operator made
-        or, after a restart of the operator, the one in the status."""
+        or, after a restart of the operator, the one in the status. stalled_since: the last step of
+        the attempt hang detection judges stalled now (stalled time starts there, not at detection)."""
         progress_now = state.progress or (raw.get("status") or {}).get("progress") or {}
         state.goodput = goodput.observe(
             state.goodput if state.goodput is not None else (raw.get("status") or {}).get("goodput"),
             run=raw, status=status, job=job, counters=state.counters,
-            total_steps=progress_now.get("totalSteps"), now=_now())
+            total_steps=progress_now.get("totalSteps"), now=_now(), stalled_since=stalled_since)
         return state.goodput
 
     # --- progress ---------------------------------------------------------------------------
@@ -325,8 +340,10 @@ class Controller:
         meta, status = raw.get("metadata") or {}, raw.get("status") or {}
         namespace, name = meta.get("namespace") or "default", meta["name"]
         attempt = int(status.get("attempt") or 1)
+        # A pod that ended has given its IP back: another pod (the next attempt's) may serve there.
         pod0 = next((p for p in pods_index.get((namespace, name), [])
                      if pod_attempt(p) == attempt and pod_index(p) == 0
+                     and (p.get("status") or {}).get("phase") == "Running"
                      and (p.get("status") or {}).get("podIP")), None)
         if pod0 is None:
             return
@@ -337,14 +354,19 @@ class Controller:
         try:
             async with self._http.get(url) as response:
                 text = await response.text()
-            rank0 = progress.progress_from_metrics_text(text)
+            samples = progress.parse_samples(text)
+            rank0 = progress.progress_from_samples(samples)
+            observation = stall.observe(samples, rank0.get("step"))
             counters = goodput.counters_from_metrics_text(text)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             logger.debug("scraping %s failed: %r", url, exc)
+            rank0, observation = None, stall.SILENT  # a silent worker has not stepped either
+        state = self.state(namespace, name)
+        self._watch_steps(state, raw, spec, attempt, observation)
+        if rank0 is None:
             return
         world = api.resolved_workers(spec) * api.resolved_procs_per_worker(spec)
         new = progress.run_progress(rank0, world)
-        state = self.state(namespace, name)
         old = state.progress if state.progress is not None else {
             k: v for k, v in (status.get("progress") or {}).items() if k != "updateTime"}
         if counters is not None:
@@ -360,6 +382,19 @@ class Controller:
                 state.progress = new
                 if state.status is not None and state.goodput is not None:
                     state.status["goodput"] = state.goodput   # what the next status patch is relative to
+
+    def _watch_steps(self, state: RunState, raw: dict, spec: dict, attempt: int,
+                     observation: stall.Observation) -> None:
+        """Hang detection (stall.py): fold in one scrape; wake the reconcile when the verdict
+        differs from what the run's Stalled condition says."""
+        now = _now()
+        state.stall_clock = stall.advance(state.stall_clock, observation, attempt, now)
+        policy = (spec.get("runPolicy") or {}).get("stallDetection") or {}
+        verdict = stall.judge(state.stall_clock, policy, now, self.config.progress_interval)
+        state.stall_verdict = verdict
+        shown = stall.is_stalled(((state.status if state.status is not None else raw.get("status")) or {}).get("conditions"))
+        if verdict is not None and verdict.stalled != shown:
+            state.wake.set()
 
 
 def _outdated(job: dict | None, run: dict, problems: list) -> bool:

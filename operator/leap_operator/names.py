@@ -39,3 +39,4 @@ OM_RESTARTS = "leap_operator_restarts_total"              # counter
 OM_API_ERRORS = "leap_operator_api_errors_total"          # counter {verb, resource}
 OM_GOODPUT_RATIO = "leap_operator_run_goodput_ratio"      # gauge {namespace, run}: status.goodput.ratio
 OM_GOODPUT_SECONDS = "leap_operator_run_goodput_seconds"  # gauge {namespace, run, part}: status.goodput's parts
+OM_RUN_STALLED = "leap_operator_run_stalled_since_seconds"  # gauge {namespace, run}: only while Stalled

@@ -1,8 +1,8 @@
 """The operator's own metrics on /metrics (prometheus_client, a registry of its own).
 
 Names come from leap_operator.names: reconciles by result, reconcile latency, runs by phase,
-gang restarts, Kubernetes API errors by verb and resource; plus the process collector (RSS,
-CPU, open files) so the operator's footprint is visible next to its work.
+gang restarts, Kubernetes API errors by verb and resource, stalled runs (hang detection); plus
+the process collector (RSS, CPU, open files) so the operator's footprint is visible next to its work.
 """
 
 from __future__ import annotations
@@ -36,9 +36,14 @@ GOODPUT_RATIO = Gauge(names.OM_GOODPUT_RATIO, "Goodput of a TrainingRun: product
 GOODPUT_SECONDS = Gauge(names.OM_GOODPUT_SECONDS, "Where a TrainingRun's wall time went, by part (status.goodput); "
                         "the parts add up to its wall time; parts still unknown are absent.",
                         ["namespace", "run", "part"], registry=REGISTRY)
+RUN_STALLED = Gauge(names.OM_RUN_STALLED,
+                    "Unix time of the last optimizer step of a TrainingRun the operator calls Stalled "
+                    "(condition Stalled=True while Running); present only while it is stalled.",
+                    ["namespace", "run"], registry=REGISTRY)
 
 _phases: dict[tuple[str, str], str] = {}
 _goodput: dict[tuple[str, str], set[str]] = {}   # run -> parts it has series for
+_stalled: set[tuple[str, str]] = set()
 _lock = threading.Lock()
 for _phase in api.PHASES:
     RUNS.labels(_phase).set(0)
@@ -55,6 +60,18 @@ def set_phase(key: tuple[str, str], phase: str | None) -> None:
             RUNS.labels(phase).inc()
         if before is not None:
             RUNS.labels(before).dec()
+
+
+def set_stalled(key: tuple[str, str], since: float | None) -> None:
+    """A run is stalled since the Unix time `since` (None: it is not; its series goes away, so
+    the gauge has a series per stalled run only)."""
+    with _lock:
+        if since is not None:
+            RUN_STALLED.labels(*key).set(since)
+            _stalled.add(key)
+        elif key in _stalled:
+            _stalled.discard(key)
+            RUN_STALLED.remove(*key)
 
 
 def serve(port: int, addr: str = "0.0.0.0") -> None:

@@ -37,26 +37,36 @@ def _rank(labels: dict) -> float:
         return math.inf
 
 
+def parse_samples(text: str) -> list:
+    """Every sample of a /metrics page (parsed once per scrape: progress and stall detection
+    both read it). Malformed text raises ValueError."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
 def progress_from_metrics_text(text: str) -> dict:
     """One rank's progress: step, totalSteps, percent, samplesPerSecond, etaSeconds, loss,
     flopsPerSecond, epoch, accuracy; a key is present only when its metric is (percent when
     the progress ratio or steps are). If the page holds several ranks, the lowest rank wins.
     Malformed text raises ValueError."""
+    return progress_from_samples(parse_samples(text))
+
+
+def progress_from_samples(samples: list) -> dict:
+    """progress_from_metrics_text() of parse_samples()'s result."""
     wanted = {sample: key for key, (sample, _) in FIELDS.items()}
     found: dict[str, tuple[float, float]] = {}  # key -> (rank, value)
     ratio: tuple[float, float] | None = None
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            value = float(sample.value)
-            if math.isnan(value) or math.isinf(value):
-                continue
-            rank = _rank(sample.labels)
-            if sample.name == contract.M_PROGRESS:
-                if ratio is None or rank < ratio[0]:
-                    ratio = (rank, value)
-            key = wanted.get(sample.name)
-            if key and (key not in found or rank < found[key][0]):
-                found[key] = (rank, value)
+    for sample in samples:
+        value = float(sample.value)
+        if math.isnan(value) or math.isinf(value):
+            continue
+        rank = _rank(sample.labels)
+        if sample.name == contract.M_PROGRESS:
+            if ratio is None or rank < ratio[0]:
+                ratio = (rank, value)
+        key = wanted.get(sample.name)
+        if key and (key not in found or rank < found[key][0]):
+            found[key] = (rank, value)
     out: dict = {key: FIELDS[key][1](value) for key, (_, value) in found.items()}
     if ratio is not None:
         out["percent"] = round(min(max(ratio[1], 0.0), 1.0) * 100, 1)

@@ -24,7 +24,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from leap_operator import api, names
+from leap_operator import api, names, stall
 from leap_trainer import contract
 
 PENDING, RUNNING, RESTARTING, SUCCEEDED, FAILED, SUSPENDED = api.PHASES
@@ -230,7 +230,8 @@ def worker_counts(spec: dict, job: dict | None, pods: list[dict]) -> dict:
 def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.datetime, *,
                    problems: list | None = None, backoff_base: float = DEFAULT_BACKOFF_BASE,
                    backoff_max: float = DEFAULT_BACKOFF_MAX, pods_not_created: str | None = None,
-                   job_outdated: bool = False, workload_inactive: bool = False) -> Decision:
+                   job_outdated: bool = False, workload_inactive: bool = False,
+                   stall_verdict: stall.Verdict | None = None) -> Decision:
     """The run's new status and the next action.
 
     run: the TrainingRun (spec defaulted; status = the last status written);
@@ -240,7 +241,8 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     it could not create some of its pods (a missing PriorityClass, a quota, Pod Security...);
     job_outdated: the run was edited since its Job was rendered (only possible while Suspended);
     workload_inactive: a queued run's Kueue Workload has spec.active false (how Leap suspends a
-    queued run: Kueue's own way to stop a workload, so Leap never fights Kueue over spec.suspend).
+    queued run: Kueue's own way to stop a workload, so Leap never fights Kueue over spec.suspend);
+    stall_verdict: stall.judge()'s verdict on the attempt's steps (None: unknown; stall.py).
     """
     spec = run.get("spec") if isinstance(run.get("spec"), dict) else {}
     old = dict(run.get("status") or {}) if isinstance(run.get("status"), dict) else {}
@@ -272,6 +274,8 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
         new["conditions"] = conds
         decision = Decision(status=new, action=action, requeue_after=requeue, reason=reason, message=message)
         decision.events = transition_events(old, new)
+        decision.events += [e for e in stall.events(old.get("conditions"), conds)
+                            if (e[0], e[1]) not in {(t, r) for t, r, _ in decision.events}]
         return decision
 
     # Invalid runs: no children, a condition saying why, terminal (the spec is immutable).
@@ -288,6 +292,7 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     elif get_condition(conds, CREATED) is None:
         conds = set_condition(conds, CREATED, False, "JobPending", "the Job is not created yet", now)
     new["workers"] = worker_counts(spec, job, pods)
+    verdict = stall_verdict if stall_verdict is not None and stall_verdict.attempt == attempt else None
 
     # Finished runs stay finished; only the TTL remains.
     if phase_before in TERMINAL:
@@ -355,6 +360,7 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
             new["workers"]["succeeded"] >= new["workers"]["desired"] > 0):
         if not new.get("startTime"):
             new["startTime"] = fmt_time(now)
+        conds = stall.clear(conds, stall.R_FINISHED, f"attempt {attempt} finished", set_condition, now)
         return finish(SUCCEEDED, R_COMPLETED, f"all {new['workers']['desired']} workers finished (attempt {attempt})")
 
     config_error = config_error_message(job, pods)
@@ -368,12 +374,17 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
     # kubelet moves them to Failed on the way out: that is not a worker failure.
     job_suspended = bool((job.get("spec") or {}).get("suspend"))
     failure = attempt_failure(job, pods) if not job_suspended or _job_condition(job, "Failed") else None
+    if failure is None and not job_suspended and verdict is not None and verdict.stalled and verdict.restart:
+        failure = (stall.R_STALLED, verdict.detail)  # runPolicy.stallDetection.action Restart
+        conds = stall.apply(conds, verdict, set_condition, now)
     if failure:
         why, detail = failure
         if restarts < backoff_limit:
             wait = backoff_seconds(restarts + 1, backoff_base, backoff_max)
             new["attempt"], new["restarts"] = attempt + 1, restarts + 1
             new.pop("jobName", None)
+            conds = stall.clear(conds, stall.R_RESTARTED, f"attempt {attempt} failed ({detail}); "
+                                f"restarted as attempt {attempt + 1}", set_condition, now)
             return finish(RESTARTING, why,
                           f"attempt {attempt} failed ({detail}); restart {restarts + 1}/{backoff_limit} "
                           f"as attempt {attempt + 1} in {wait:g}s", action="restart", requeue=requeue(wait))
@@ -421,6 +432,9 @@ def compute_status(run: dict, job: dict | None, pods: list[dict], now: dt.dateti
             new["startTime"] = fmt_time(now)
             if deadline:
                 left = float(deadline)
+        conds = stall.apply(conds, verdict, set_condition, now)
+        if stall.is_stalled(conds):  # still Running (action Report): the reason says it hangs
+            return finish(RUNNING, stall.R_STALLED, stall.stalled_message(conds), requeue=requeue())
         return finish(RUNNING, "WorkersActive",
                       f"{running}/{workers['desired']} workers running (attempt {attempt})",
                       requeue=requeue())

@@ -85,6 +85,10 @@ ACTIVITY_TRAIN = "train"              # training steps (the reporting windows' w
 ACTIVITY_EVALUATE = "evaluate"        # held-out evaluation between epochs
 TIME_ACTIVITIES = (ACTIVITY_STARTUP, ACTIVITY_RESTORE, ACTIVITY_CHECKPOINT, ACTIVITY_TRAIN, ACTIVITY_EVALUATE)
 TIME_LABEL = "activity"
+M_ACTIVITY = "leap_train_activity"                  # gauge {activity}: 1 for what the process does now
+# Activities other than train are pauses the trainer makes on purpose: the operator's hang
+# detection (operator/leap_operator/stall.py) does not count them as a stall.
+PAUSE_ACTIVITIES = (ACTIVITY_STARTUP, ACTIVITY_RESTORE, ACTIVITY_CHECKPOINT, ACTIVITY_EVALUATE)
 
 # Description of each metric: used for HELP text and the metrics reference in the docs.
 TRAIN_METRICS: dict[str, tuple[str, str]] = {
@@ -105,6 +109,8 @@ TRAIN_METRICS: dict[str, tuple[str, str]] = {
     M_TIME: ("counter", "Wall seconds this process spent, by activity: startup (process start to the first step, "
                         "restore excluded), restore, checkpoint, train, evaluate."),
     M_RESUMED_STEP: ("gauge", "The run's step this process started at (0: a fresh start; else the checkpoint it resumed)."),
+    M_ACTIVITY: ("gauge", "What this process does now: 1 for its activity (startup, restore, checkpoint, train, evaluate), "
+                          "0 for the others; the operator does not count a pause (any but train) as a stall."),
 }
 
 # --- Exit codes -------------------------------------------------------------------------------

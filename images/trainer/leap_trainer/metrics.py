@@ -80,6 +80,8 @@ class TrainingMetrics:
         # Wall seconds by activity (contract.TIME_ACTIVITIES): the goodput account's raw facts.
         self.seconds = {activity: 0.0 for activity in c.TIME_ACTIVITIES}
         self._training_started = False
+        self.activity = c.ACTIVITY_STARTUP   # what it does now (contract.M_ACTIVITY)
+        self._pauses = 0                     # timed() blocks open
         self._bucket_counts = [0] * (len(STEP_SECONDS_BUCKETS) + 1)   # last one is +Inf
         self._step_seconds_sum = 0.0
         self._lock = threading.Lock()      # report() and collect() from different threads
@@ -114,6 +116,8 @@ class TrainingMetrics:
         mean_step = seconds / steps
         with self._lock:
             self.seconds[c.ACTIVITY_TRAIN] += max(seconds, 0.0)
+            if not self._pauses:
+                self.activity = c.ACTIVITY_TRAIN   # steps were just taken
             self.steps += steps
             self.samples += samples
             if seconds > 0:
@@ -145,18 +149,29 @@ class TrainingMetrics:
 
     @contextlib.contextmanager
     def timed(self, activity: str) -> Iterator[None]:
-        """`with metrics.timed("checkpoint"): save(...)` counts the block's wall time as `activity`."""
+        """`with metrics.timed("checkpoint"): save(...)` counts the block's wall time as `activity`,
+        and says so on leap_train_activity while it lasts: a pause announced, not a stall."""
+        if activity not in self.seconds:
+            raise ValueError(f"unknown activity {activity!r}; one of {', '.join(c.TIME_ACTIVITIES)}")
         began = time.perf_counter()
+        with self._lock:
+            previous, self.activity = self.activity, activity
+            self._pauses += 1
         try:
             yield
         finally:
             self.add_time(activity, time.perf_counter() - began)
+            with self._lock:
+                self._pauses -= 1
+                self.activity = previous
 
     def training_started(self) -> None:
         """The first training step is about to run: the time since the process started that no
         other activity counted (imports, data loading, model building, process-group set-up) is
         start-up. Later calls (a later phase's loop) change nothing."""
         with self._lock:
+            if not self._pauses:
+                self.activity = c.ACTIVITY_TRAIN
             if self._training_started:
                 return
             self._training_started = True
@@ -248,4 +263,8 @@ class TrainingMetrics:
                     continue   # still starting: how long start-up takes is not known yet
                 time_family.add_metric([*values, activity], seconds)
             yield time_family
+            activity = GaugeMetricFamily(c.M_ACTIVITY, help_of[c.M_ACTIVITY], labels=[*names, c.TIME_LABEL])
+            for one in c.TIME_ACTIVITIES:
+                activity.add_metric([*values, one], 1.0 if one == self.activity else 0.0)
+            yield activity
             yield gauge(c.M_RESUMED_STEP, self.resumed_step)

@@ -61,6 +61,7 @@ class CheckpointSaver(keras.callbacks.Callback):
 
     def _save(self, steps: int) -> None:
         if self.is_chief:
+            # Out of the training windows; timed as "checkpoint" (goodput), announced as a pause (not a stall).
             paused = self.reporter.paused(contract.ACTIVITY_CHECKPOINT) if self.reporter else contextlib.nullcontext()
             with paused:
                 self.checkpoints.save(self.model, step=steps, epoch=steps // self.steps_per_epoch)

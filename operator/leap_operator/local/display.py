@@ -16,6 +16,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
+
+from leap_operator import goodput
 from rich.text import Text
 
 from leap_operator.api import format_duration
@@ -147,7 +149,8 @@ class BaseDisplay:
         self.flush_streams()
         rank0 = latest.get(0) or {}
         if rank0.get("goodput") is not None and self.attempt:
-            self.counters[self.attempt] = rank0["goodput"]
+            before = self.counters.get(self.attempt) or {}
+            self.counters[self.attempt] = {**before, **rank0["goodput"], **goodput.recent_pace(before, rank0["goodput"])}
         if rank0.get("totalSteps"):
             self.total_steps = int(rank0["totalSteps"])
         if self.info.distillation and self.workers and time.monotonic() - self._phase_checked >= 0.5:
