@@ -137,9 +137,10 @@ def test_a_gpu_run_on_a_machine_without_one_says_so_in_one_line_and_trains_on_cp
 
 
 def test_goodput_of_a_run_restarted_once_shows_the_lost_work_and_the_restore_and_adds_up(tmp_path):
-    # One worker of the larger MLP, checkpoints every 600 steps (seconds apart); it is killed once after its first checkpoint and the
-    # next attempt resumes. Independent measures: the wall clock around `leap run`, the checkpoint
-    # interval x the step time measured by the trainer's own histogram (its summary's throughput).
+    # One worker of the larger MLP, checkpoints every 3,000 steps (5 s or more apart: 1.8 ms a step on
+    # an idle core); it is killed 1.5 s after its first checkpoint, well before the second, and the
+    # next attempt resumes from the first. Independent measures: the wall clock around `leap run`
+    # and the checkpoint file's time.
     import time
 
     from leap_operator.goodput import PARTS
@@ -148,8 +149,9 @@ def test_goodput_of_a_run_restarted_once_shows_the_lost_work_and_the_restore_and
     workdir = tmp_path / "run"
     began = time.time()
     proc = start_leap("run", str(EXAMPLES / "mnist-cpu.yaml"), "--workdir", str(workdir),
-                      "--set", f"metadata.name={name}", "--set", "spec.workload.epochs=30",
-                      "--set", "spec.workload.model=mlp-large", "--set", "spec.checkpoint.everySteps=600")
+                      "--set", f"metadata.name={name}", "--set", "spec.workload.dataset=synthetic",
+                      "--set", "spec.workload.samples=200000", "--set", "spec.workload.epochs=3",
+                      "--set", "spec.workload.model=mlp-large", "--set", "spec.checkpoint.everySteps=3000")
     try:
         wait_for(lambda: (workdir / "checkpoints" / "latest.pt").exists(), 180, "the first checkpoint", proc)
         first_checkpoint = (workdir / "checkpoints" / "latest.pt").stat().st_mtime
@@ -169,8 +171,11 @@ def test_goodput_of_a_run_restarted_once_shows_the_lost_work_and_the_restore_and
     assert sum(parts.values()) == pytest.approx(record["wallSeconds"], abs=0.01)
     assert 0 < record["wallSeconds"] <= wall_clock
     assert all(value >= 0 for value in parts.values())
-    # Redone steps were taken after attempt 1's last checkpoint (no earlier than its first) and before the kill.
-    assert 0 < parts["lost"] <= killed - first_checkpoint
+    assert summary["resumed_from_step"] == 3000, summary   # the first checkpoint: killed before the second
+    # Redone steps were taken after the checkpoint and before the kill; they are priced at the
+    # attempt's latest pace (between its last two scrapes), an estimate: 25% leeway for a pace that
+    # changes on a busy machine.
+    assert 0 < parts["lost"] <= 1.25 * (killed - first_checkpoint)
     assert parts["restore"] > 0 and parts["restarting"] > 0 and parts["startup"] > 0
     assert parts["checkpoint"] > 0 and parts["productive"] > 0
     assert record["ratio"] == pytest.approx(parts["productive"] / record["wallSeconds"], abs=1e-3)
