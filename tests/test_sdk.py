@@ -179,6 +179,44 @@ def test_report_counts_steps_given_as_the_runs_step_and_resumes(tmp_path):
     assert summary["steps"] == 190 and summary["resumed_from_step"] == 100 and summary["samples"] == 720
 
 
+def test_a_paused_block_is_no_step_counts_as_its_activity_and_is_a_pause_to_hang_detection(tmp_path):
+    """`with leap.paused("checkpoint")` in a user's loop: while it runs, the page announces the pause
+    (the operator's hang detection reads it so, and does not call it a stall); after it, its time
+    is checkpoint time in the goodput counters, and no step's time."""
+    from leap_operator import progress, stall
+    from leap_trainer import sdk
+
+    sdk._reset_for_tests()
+    port = free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(c.ENV_METRICS_PORT, str(port))
+        patch.setenv(c.ENV_SUMMARY, str(tmp_path / "summary.json"))
+        try:
+            for step in range(1, 21):
+                sdk.report(step=step, samples=8, total_steps=40)
+            with sdk.paused("checkpoint"):
+                during = scrape(port)
+                time.sleep(0.3)
+            for step in range(21, 41):
+                sdk.report(step=step, samples=8, total_steps=40)
+            sdk.reporter().flush()
+            after = scrape(port)
+            with pytest.raises(ValueError, match="must be one of"):
+                sdk.paused("lunch")
+        finally:
+            sdk.finish()
+            sdk._reset_for_tests()
+    seen = stall.observe(progress.parse_samples(during), 20)
+    assert seen.activity == "checkpoint" and seen.activity in c.PAUSE_ACTIVITIES
+    assert stall.observe(progress.parse_samples(after), 40).activity == "train"
+
+    def seconds(activity: str) -> float:
+        return float(re.search(rf'^{c.M_TIME}{{.*activity="{activity}".*}} (\S+)$', after, re.M).group(1))
+    assert 0.3 <= seconds("checkpoint") < 5
+    step_sum = value(after, c.M_STEP_SECONDS + "_sum")
+    assert step_sum < 0.3, "the pause is in no step's time"
+
+
 # --- leap run -------------------------------------------------------------------------------------
 
 @pytest.mark.slow

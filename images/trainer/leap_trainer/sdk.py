@@ -439,6 +439,15 @@ def record_loss(loss: Any) -> None:
     reporter().set_loss(loss)
 
 
+def paused(activity: str = c.ACTIVITY_EVALUATE):
+    """`with leap.paused("checkpoint"): save(...)`: the block is no training step (not in throughput),
+    its time counts as `activity` (evaluate, checkpoint or restore) in the goodput account, and hang
+    detection sees an announced pause, not a hang. See Reporter.paused()."""
+    if activity not in c.PAUSE_ACTIVITIES:
+        raise ValueError(f"paused({activity!r}): the activity must be one of {', '.join(c.PAUSE_ACTIVITIES)}")
+    return reporter().paused(activity)
+
+
 def finish() -> None:
     """Report the last window and write the summary now (otherwise done when the process exits)."""
     if _reporter is not None:
