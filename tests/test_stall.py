@@ -131,6 +131,30 @@ def test_start_up_and_announced_pauses_are_not_stalls_but_silence_is():
         assert verdict.stalled and verdict.step == 11
 
 
+def test_an_announced_pause_longer_than_max_pause_seconds_is_a_stall():
+    """A checkpoint write stuck on its storage announces its pause for ever: after maxPauseSeconds it
+    is a stall, naming the pause; a pause that ends in time is none."""
+    policy = {**POLICY, "maxPauseSeconds": 600}
+    trainer, clock = Trainer(), None
+    trainer.steps(10)
+    clock, _ = watch(trainer, clock, 0, policy)
+    with trainer.metrics.timed(contract.ACTIVITY_EVALUATE):   # 500 s of evaluation: long, but it ends
+        for seconds in (5, 300, 505):
+            clock, verdict = watch(trainer, clock, seconds, policy)
+            assert not verdict.stalled
+    trainer.steps(1)
+    clock, verdict = watch(trainer, clock, 510, policy)
+    assert not verdict.stalled
+    with trainer.metrics.timed(contract.ACTIVITY_CHECKPOINT):
+        for seconds in (515, 1000, 1115):
+            clock, verdict = watch(trainer, clock, seconds, policy)
+            assert not verdict.stalled
+        clock, verdict = watch(trainer, clock, 1116, policy)   # 601 s into the write
+    assert verdict.stalled and verdict.step == 11 and verdict.since == at(510)
+    assert "announced checkpoint pause, since 2026-01-01T12:08:35Z, lasts longer than" in verdict.message
+    assert "maxPauseSeconds (600s)" in verdict.message, verdict.message
+
+
 def test_a_new_attempt_starts_a_new_clock():
     trainer, clock = Trainer(), None
     trainer.steps(10)
@@ -213,7 +237,7 @@ def test_the_stalled_condition_is_cleared_when_the_run_succeeds():
 
 def test_stall_detection_spec_defaults_and_bounds_name_the_field():
     spec = defaulted(make_run())["spec"]
-    assert spec["runPolicy"]["stallDetection"] == {"action": "Report", "minSeconds": 300}
+    assert spec["runPolicy"]["stallDetection"] == {"action": "Report", "minSeconds": 300, "maxPauseSeconds": 3600}
     run = make_run()
     run["spec"]["runPolicy"]["stallDetection"] = {"action": "Kill", "minSeconds": 1}
     found = [str(p) for p in validate_run(run)]

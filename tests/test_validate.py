@@ -205,7 +205,7 @@ def test_defaults_are_applied_like_the_api_server():
     assert spec["workload"]["batchSize"] == 64 and spec["workload"]["learningRate"] == 0.003
     assert spec["procsPerWorker"] == "auto"
     assert spec["runPolicy"] == {"backoffLimit": 3, "suspend": False,
-                                 "stallDetection": {"action": "Report", "minSeconds": 300}}
+                                 "stallDetection": {"action": "Report", "minSeconds": 300, "maxPauseSeconds": 3600}}
     assert spec["metrics"] == {"port": 9400} and spec["checkpoint"] == {"everySteps": 500}
     assert "distillation" not in spec["workload"]  # defaults never invent optional blocks
 

@@ -349,6 +349,7 @@ DEFAULT_STALL_MIN_SECONDS = 300
 STALL_STEP_TIME_MULTIPLE = 10
 MIN_STALL_SECONDS = 5          # the least the schema allows (tests); under a minute risks false alarms
 MAX_STALL_SECONDS = 7 * 86400
+DEFAULT_MAX_PAUSE_SECONDS = 3600  # an hour-long evaluation or checkpoint write is long; a stuck one never ends
 
 
 class StallDetection(_Model):
@@ -364,6 +365,9 @@ class StallDetection(_Model):
     timeoutSeconds: int | None = Field(None, ge=MIN_STALL_SECONDS, le=MAX_STALL_SECONDS, description=(
         "A fixed threshold instead of the derived one: seconds without an optimizer step (pauses the "
         "trainer announces not counted) before the run is Stalled."))
+    maxPauseSeconds: int = Field(DEFAULT_MAX_PAUSE_SECONDS, ge=MIN_STALL_SECONDS, le=MAX_STALL_SECONDS, description=(
+        "A pause the trainer announces (evaluation, a checkpoint write or restore) that lasts longer "
+        "than this is a stall too: e.g. a checkpoint write stuck on its storage."))
 
 
 class RunPolicy(_Model):

@@ -13,6 +13,9 @@ its metrics endpoint while its pod runs (a SIGSTOPped or wedged process) shows n
 silence counts. Rank 0 is the one watched: data-parallel ranks step in lockstep, so a hung rank
 stops rank 0 at its next collective.
 
+An announced pause that lasts longer than maxPauseSeconds (default an hour) is a stall too: a
+checkpoint write stuck on its storage announces its pause for ever.
+
 The threshold: spec timeoutSeconds when set; else STALL_STEP_TIME_MULTIPLE x rank 0's mean step
 time (leap_train_step_seconds sum / count), never below minSeconds, and never below
 MIN_SCRAPES scrape intervals (the operator cannot see a step more often than it scrapes).
@@ -86,6 +89,7 @@ class Clock:
     quiet_since: dt.datetime | None = None     # the later of step_time and the end of the last announced pause
     mean_step_seconds: float | None = None
     paused: str | None = None                  # the pause announced at the last scrape (None if silent)
+    pause_since: dt.datetime | None = None     # when that pause was first seen
 
 
 def advance(clock: Clock | None, observation: Observation, attempt: int, now: dt.datetime) -> Clock:
@@ -93,7 +97,7 @@ def advance(clock: Clock | None, observation: Observation, attempt: int, now: dt
     if clock is None or clock.attempt != attempt:
         clock = Clock(attempt=attempt)
     if not observation.answered:
-        return replace(clock, paused=None)  # silence is not a pause anyone announced
+        return replace(clock, paused=None, pause_since=None)  # silence is not a pause anyone announced
     paused = observation.activity if observation.activity in contract.PAUSE_ACTIVITIES else None
     steps = observation.process_steps
     if steps is not None and steps > 0 and steps != clock.process_steps:
@@ -103,7 +107,8 @@ def advance(clock: Clock | None, observation: Observation, attempt: int, now: dt
     if paused and clock.step_time is not None:
         clock = replace(clock, quiet_since=now)
     mean = observation.mean_step_seconds if observation.mean_step_seconds is not None else clock.mean_step_seconds
-    return replace(clock, paused=paused, mean_step_seconds=mean)
+    pause_since = (clock.pause_since if clock.paused == paused and clock.pause_since else now) if paused else None
+    return replace(clock, paused=paused, pause_since=pause_since, mean_step_seconds=mean)
 
 
 @dataclass(frozen=True)
@@ -115,11 +120,17 @@ class Verdict:
     threshold: float
     source: str                    # where the threshold comes from, for the message
     restart: bool                  # spec action Restart
+    pause: str | None = None       # a stall inside an announced pause: that pause (evaluate, checkpoint, ...)
+    pause_since: dt.datetime | None = None
 
     @property
     def detail(self) -> str:
         """What was seen, without the attempt: "no optimizer step since step 500 at ... (threshold ...)"."""
         step = f"step {self.step}" if self.step is not None else "its last step"
+        if self.stalled and self.pause:
+            return (f"no optimizer step since {step} at {_fmt(self.since)}: its announced {self.pause} pause, "
+                    f"since {_fmt(self.pause_since or self.since)}, lasts longer than "
+                    f"spec.runPolicy.stallDetection.maxPauseSeconds ({self.threshold:g}s)")
         if self.stalled:
             return f"no optimizer step since {step} at {_fmt(self.since)} (threshold {self.threshold:g}s: {self.source})"
         return f"steps again ({step} at {_fmt(self.since)})"
@@ -153,11 +164,19 @@ def judge(clock: Clock | None, policy: dict, now: dt.datetime, scrape_interval: 
     """The attempt's Verdict, or None while unknown (no step seen yet in this attempt)."""
     if clock is None or clock.step_time is None or clock.quiet_since is None:
         return None
+    restart = policy.get("action") == "Restart"
+    if clock.paused is not None and clock.pause_since is not None:
+        # An announced pause is no stall, up to maxPauseSeconds: a write stuck on storage never ends.
+        longest = max(float(policy.get("maxPauseSeconds") or api.DEFAULT_MAX_PAUSE_SECONDS), MIN_SCRAPES * scrape_interval)
+        stalled = (now - clock.pause_since).total_seconds() > longest
+        return Verdict(attempt=clock.attempt, stalled=stalled, step=clock.step, since=clock.step_time,
+                       threshold=round(longest, 3), source="spec.runPolicy.stallDetection.maxPauseSeconds",
+                       restart=restart, pause=clock.paused if stalled else None, pause_since=clock.pause_since)
     seconds, source = threshold(policy, clock.mean_step_seconds, scrape_interval)
     quiet = (now - clock.quiet_since).total_seconds()
-    stalled = clock.paused is None and quiet > seconds
+    stalled = quiet > seconds
     return Verdict(attempt=clock.attempt, stalled=stalled, step=clock.step, since=clock.step_time,
-                   threshold=round(seconds, 3), source=source, restart=policy.get("action") == "Restart")
+                   threshold=round(seconds, 3), source=source, restart=restart)
 
 
 def apply(conditions: list[dict], verdict: Verdict | None, set_condition, now: dt.datetime) -> list[dict]:
