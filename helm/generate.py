@@ -168,7 +168,9 @@ TRAINING = Dashboard(
               unit="short", description="Optimizer steps per second per run (sum over ranks)."),
         Panel("Epoch", [(f"max by (namespace, run) ({c.M_EPOCH}{{{SEL}}})", "{{namespace}}/{{run}}")],
               decimals=0, description="Current epoch (1-based)."),
-        Panel("Ranks by activity", [(f"sum by (namespace, run, {c.TIME_LABEL}) ({c.M_ACTIVITY}{{{SEL}}})",
+        # Ranks, not series: a rank scraped by two jobs (a PodMonitor beside a static job) counts once.
+        Panel("Ranks by activity", [(f"count by (namespace, run, {c.TIME_LABEL}) (max by (namespace, run, rank, "
+                                     f"{c.TIME_LABEL}) ({c.M_ACTIVITY}{{{SEL}}}) == 1)",
                                      "{{run}} {{" + c.TIME_LABEL + "}}")],
               decimals=0, description="Ranks in startup, restore, checkpoint, train or evaluate now "
                                       "(any but train is a pause the trainer announced, not a stall)."),
@@ -181,7 +183,7 @@ TRAINING = Dashboard(
               description="Productive training seconds over wall seconds per run (status.goodput.ratio, from the "
                           "operator); its parts are leap_operator_run_goodput_seconds{part=...}."),
         Panel("Time by activity (rank 0)", [
-            (f'sum by (namespace, run, activity) (rate({c.M_TIME}{{{SEL}, rank="0"}}[{RATE}]))',
+            (f'max by (namespace, run, activity) (rate({c.M_TIME}{{{SEL}, rank="0"}}[{RATE}]))',
              "{{run}} {{activity}}"),
         ], unit="percentunit", max=1,
               description="Share of wall time rank 0 spends on each activity (startup, restore, checkpoint, "
