@@ -4,7 +4,8 @@
 
 Three variants of torch_train.fit on one epoch of 60,000 synthetic samples at batch 64
 (the smallest, most step-bound setting), interleaved, medians:
-- no metrics object at all;
+- no metrics object (fit still times its steps through the SDK's Reporter, as it always does:
+  what is left out is the TrainingMetrics update and its /metrics);
 - leap-train's way: TrainingMetrics updated once per ~0.5 s window with accumulated values, and
   every step's time taken for the step-time histogram (a clock read per step on CPU, a CUDA event);
 - the naive way: a report every step (report_seconds=0), which also reads the loss every step.
