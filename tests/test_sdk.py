@@ -15,7 +15,9 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 import urllib.request
@@ -345,6 +347,27 @@ def test_keras_callback_reports_fits_steps_samples_loss_and_progress(tmp_path):
     assert first["step"] == 32 and first["percent"] == pytest.approx(33.3, abs=0.1)
     assert 'framework="tensorflow"' in seen["pages"][-1] and 'run="keras-user"' in seen["pages"][-1]
     assert summary["steps"] == 96 and summary["samples"] == 96 * 64 and summary["framework"] == "tensorflow"
+
+
+LOCAL_DEVICES = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from leap_trainer.sdk_keras import local_devices
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+print(local_devices(tf.distribute.get_strategy()), local_devices(mirrored), mirrored.num_replicas_in_sync)
+"""
+
+
+def test_keras_peak_counts_this_workers_devices():
+    """The Keras callback's MFU divides by the peak of the devices this process trains on: two local
+    replicas count two, no strategy one. (Under MultiWorkerMirroredStrategy num_replicas_in_sync also
+    counts other workers' replicas, which this process's samples/s do not include: the reason for
+    local_devices(); a two-worker GPU run to show it needs GPUs this suite does not have.)"""
+    done = subprocess.run([sys.executable, "-c", LOCAL_DEVICES], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1", "2", "2"], done.stdout
 
 
 @pytest.mark.slow

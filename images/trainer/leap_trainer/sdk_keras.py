@@ -35,6 +35,16 @@ def _device() -> tuple[str, str, float | None]:
     return "nvidia-gpu", name, peak_flops(name, precision)
 
 
+def local_devices(strategy) -> int:
+    """Devices this process trains on: its worker's, not the run's. num_replicas_in_sync counts every
+    worker's replicas under MultiWorkerMirroredStrategy, while this process's samples/s (and so its
+    FLOP/s) are its own: a peak of all workers would make its MFU too low by the number of workers."""
+    try:
+        return max(1, len(strategy.extended.worker_devices))
+    except (RuntimeError, AttributeError, NotImplementedError):   # the default strategy: one device
+        return 1
+
+
 class KerasClock(HostClock):
     """The host clock (Keras runs steps in groups; a group's end is on the host) and the memory in use
     on `device` ("GPU:0", "TPU:0"), read once per window; None on CPU or where TF does not say."""
@@ -87,7 +97,7 @@ class KerasCallback(keras.callbacks.Callback):
         accelerator, device, peak = _device()
         memory_device = self.memory_device or ("GPU:0" if accelerator == "nvidia-gpu" else None)
         r.describe(framework="tensorflow", accelerator=accelerator, device=device,
-                   peak_flops=peak * max(1, self.model.distribute_strategy.num_replicas_in_sync) if peak else None,
+                   peak_flops=peak * local_devices(self.model.distribute_strategy) if peak else None,
                    clock=None if self._fits else KerasClock(memory_device))
         r.set_flops_per_sample(self.flops_per_sample)
         if self._owned and r.metrics.steps == 0:
