@@ -7,6 +7,7 @@ the same program reporting to Leap with at most 3 changed lines.
 
 import argparse
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ def main() -> None:
                         drop_last=True)
     loss_fn = nn.CrossEntropyLoss()
 
-    steps = 0
+    steps, started = 0, time.perf_counter()
     for epoch in range(args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -61,7 +62,7 @@ def main() -> None:
             optimizer.step()
             steps += 1
         print(f"epoch {epoch + 1}: loss {loss.item():.4f}", flush=True)
-    print(f"trained {steps} steps", flush=True)
+    print(f"trained {steps} steps in {time.perf_counter() - started:.3f} s", flush=True)
     if world > 1:
         dist.destroy_process_group()
 

@@ -7,6 +7,7 @@ the same program reporting to Leap with at most 3 changed lines.
 
 import argparse
 import os
+import time
 
 import leap_trainer.sdk as leap
 import torch
@@ -51,7 +52,7 @@ def main() -> None:
     loss_fn = nn.CrossEntropyLoss()
     leap.watch(model, optimizer, total_steps=args.epochs * len(loader))
 
-    steps = 0
+    steps, started = 0, time.perf_counter()
     for epoch in range(args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -64,7 +65,7 @@ def main() -> None:
             optimizer.step()
             steps += 1
         print(f"epoch {epoch + 1}: loss {loss.item():.4f}", flush=True)
-    print(f"trained {steps} steps", flush=True)
+    print(f"trained {steps} steps in {time.perf_counter() - started:.3f} s", flush=True)
     if world > 1:
         dist.destroy_process_group()
 
