@@ -67,23 +67,31 @@ def counters_from_metrics_text(text: str) -> dict | None:
     lines = [line for line in text.splitlines() if line.startswith(_WANTED)]
     if not any(line.startswith(contract.M_TIME) for line in lines):
         return None
+    return counters_from_samples(sample for family in text_string_to_metric_families("\n".join(lines) + "\n")
+                                 for sample in family.samples)
+
+
+def counters_from_samples(samples) -> dict | None:
+    """counters_from_metrics_text() of a page already parsed (progress.parse_samples(): the operator
+    parses each scrape once for progress, hang detection and this)."""
     ranks: dict[float, dict] = {}
-    for family in text_string_to_metric_families("\n".join(lines) + "\n"):
-        for sample in family.samples:
-            value = float(sample.value)
-            if math.isnan(value) or math.isinf(value):
-                continue
-            try:
-                rank = float(sample.labels.get("rank", 0))
-            except ValueError:
-                continue
-            out = ranks.setdefault(rank, {"seconds": {}})
-            if sample.name == contract.M_TIME and sample.labels.get(contract.TIME_LABEL) in contract.TIME_ACTIVITIES:
-                out["seconds"][sample.labels[contract.TIME_LABEL]] = round(value, 3)
-            elif sample.name == contract.M_RESUMED_STEP:
-                out["resumedStep"] = int(value)
-            elif sample.name == contract.M_STEPS:
-                out["steps"] = int(value)
+    for sample in samples:
+        if sample.name not in _WANTED:
+            continue
+        value = float(sample.value)
+        if math.isnan(value) or math.isinf(value):
+            continue
+        try:
+            rank = float(sample.labels.get("rank", 0))
+        except ValueError:
+            continue
+        out = ranks.setdefault(rank, {"seconds": {}})
+        if sample.name == contract.M_TIME and sample.labels.get(contract.TIME_LABEL) in contract.TIME_ACTIVITIES:
+            out["seconds"][sample.labels[contract.TIME_LABEL]] = round(value, 3)
+        elif sample.name == contract.M_RESUMED_STEP:
+            out["resumedStep"] = int(value)
+        elif sample.name == contract.M_STEPS:
+            out["steps"] = int(value)
     found = [ranks[rank] for rank in sorted(ranks) if ranks[rank]["seconds"]]
     return found[0] if found else None
 

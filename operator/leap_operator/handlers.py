@@ -357,7 +357,7 @@ class Controller:
             samples = progress.parse_samples(text)
             rank0 = progress.progress_from_samples(samples)
             observation = stall.observe(samples, rank0.get("step"))
-            counters = goodput.counters_from_metrics_text(text)
+            counters = goodput.counters_from_samples(samples)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
             logger.debug("scraping %s failed: %r", url, exc)
             rank0, observation = None, stall.SILENT  # a silent worker has not stepped either
